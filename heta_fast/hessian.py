@@ -19,3 +19,44 @@ def block_l1_mean(hvp: torch.Tensor, positions: torch.Tensor, n: int, samples: i
     l1 = hvp.float().abs().sum(dim=-1)
     out = torch.zeros(n, dtype=torch.float32, device=hvp.device)
     return out.index_add_(0, positions, l1) / samples
+
+
+def hessian_sensitivity(lm, E: torch.Tensor, y: int, key_values, config, budget: int,
+                        rademacher_fn=None, block_l1_fn=block_l1_mean, progress=None) -> torch.Tensor:
+    """``S``: ``[n]``. E: ``[t + 1, d]``; y: target id; key_values: the prefix cache of rows ``0 .. p``.
+
+    Only the diagonal block ``H_ii`` meets a probe placed in block ``i``, and ``g`` depends on
+    row ``i`` only through rows ``i .. p``. So position ``i`` runs rows ``i .. p`` on the cached
+    prefix with row ``i`` as the only leaf; a batch of positions ``[a, b)`` shares rows
+    ``a .. p`` (variant ``j`` carries its leaf at row ``j``); variants are independent, so one
+    gradient of ``sum_j g_j`` and one batched backward per probe set give every ``H_ii r_{i,k}``.
+    """
+    from heta_fast.memory import batch_size
+    from heta_fast.probes import rademacher
+
+    rademacher_fn = rademacher_fn or rademacher
+    t, d = E.shape[0] - 1, E.shape[1]
+    m = config.samples
+    S = torch.zeros(t, dtype=torch.float32, device=E.device)
+    a = 0
+    while a < t:
+        c = batch_size(lm, budget, t - a, t, copies=4 + 2 * m, limit=max(1, -(-t // 8)))
+        b = min(t, a + c)
+        c = b - a
+        leaves = E[a:b].detach().clone().requires_grad_(True)  # x_i for i in [a, b)
+        j = torch.arange(c, device=E.device)
+        batch = E[a:-1].expand(c, -1, -1).index_put((j, j), leaves)
+        past = lm.prefix_cache(key_values, a, c)
+        hidden = lm.hidden(batch, past=past).last_hidden_state[:, -1]  # row p of every variant
+        g = torch.log_softmax(lm.unembed(hidden).float(), dim=-1)[:, y].sum()
+        (grad,) = torch.autograd.grad(g, leaves, create_graph=True)
+        positions = torch.arange(a, b, device=E.device).repeat(m)  # sample-major: row k * c + j
+        samples = torch.arange(m, device=E.device).repeat_interleave(c)
+        probes = rademacher_fn(config.seed, positions, samples, d, dtype=E.dtype, device=E.device).view(m, c, d)
+        (Hr,) = torch.autograd.grad(grad, leaves, grad_outputs=probes, is_grads_batched=True)
+        S += block_l1_fn(Hr.reshape(m * c, d), positions, t, m)
+        del grad, Hr, g, hidden, batch, past
+        if progress is not None:
+            progress("hessian", b, t)
+        a = b
+    return S

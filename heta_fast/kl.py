@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from heta_fast.config import MASKS
 from heta_fast.probes import unk_vectors
-
-MASKS = ("zero", "mean", "unk")
 
 
 def mask_rows(mask: str, embeddings: torch.Tensor, positions: torch.Tensor, seed: int) -> torch.Tensor:
@@ -68,3 +67,45 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         run_max = new_max
     lse = run_max + torch.log(run_sum)
     return (cross + p64.sum() * lse).clamp_min(0.0).float()
+
+
+def masked_batch(E: torch.Tensor, start: int, stop: int, replacement: torch.Tensor) -> torch.Tensor:
+    """Rows ``start .. p`` of ``E`` once per position ``i`` in ``[start, stop)``, row ``i`` replaced.
+
+    E: ``[t + 1, d]``; replacement: ``[stop - start, d]``. Returns ``[stop - start, t - start, d]``;
+    variant ``j`` holds ``replacement[j]`` at its row ``j`` (position ``start + j``).
+    """
+    c = stop - start
+    batch = E[start:-1].expand(c, -1, -1).clone()
+    j = torch.arange(c, device=E.device)
+    return batch.index_put((j, j), replacement)
+
+
+def kl_information(lm, E: torch.Tensor, log_P: torch.Tensor, key_values, config, budget: int,
+                   linear_kl_fn=linear_kl, progress=None) -> torch.Tensor:
+    """``I``: ``[n]``. E: ``[t + 1, d]``; log_P: ``[V]`` at row ``p``; key_values: the prefix cache.
+
+    Variants are batched by context position; a batch ``[a, b)`` runs rows ``a .. p`` on the
+    cached keys/values of rows ``< a`` and unembeds row ``p`` only.
+    """
+    from heta_fast.memory import batch_size
+
+    t = E.shape[0] - 1
+    I = torch.zeros(t, dtype=torch.float32, device=E.device)
+    weight, bias = lm.lm_head.weight, lm.lm_head.bias
+    vocab_chunk = max(1024, budget // (4 * 8 * 64))  # 64 rows of float64 logits per chunk at most
+    a = 0
+    with torch.no_grad():
+        while a < t:
+            # a quarter of the context per batch keeps the triangle's waste (rows before i) small
+            c = batch_size(lm, budget, t - a, t, copies=1, limit=max(1, -(-t // 4)))
+            b = min(t, a + c)
+            positions = torch.arange(a, b, device=E.device)
+            batch = masked_batch(E, a, b, mask_rows(config.mask, E, positions, config.seed))
+            past = lm.prefix_cache(key_values, a, b - a)
+            hidden = lm.hidden(batch, past=past).last_hidden_state[:, -1]
+            I[a:b] = linear_kl_fn(hidden, weight, bias, log_P, vocab_chunk=vocab_chunk)
+            if progress is not None:
+                progress("kl", b, t)
+            a = b
+    return I

@@ -1,0 +1,82 @@
+"""``HETAConfig``: every knob of the method, validated before any model work."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from heta_fast.probes import check_seed
+
+MASKS = ("zero", "mean", "unk")
+VALUE_SOURCES = ("attention", "residual")
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class HETAConfig:
+    """Configuration of one HETA attribution (defaults are HETA_SPEC's).
+
+    beta, gamma: weights of the Hessian and KL terms in ``M * (beta * S + gamma * I)``.
+    samples: ``m``, Rademacher probes per context position.
+    mask: how a masked row is replaced for ``I``: ``zero``, ``mean`` or ``unk``.
+    value_source: ``attention`` (the value vectors the attention layer computes) or
+        ``residual`` (the released code's: raw layer input times the value weight, no bias).
+    layer_subset: use only the last ``layer_subset`` layers for the semantic flow (None: all).
+    window_size, overlap: sliding windows over long contexts (None or 0: no windows).
+    seed: the counter-based generator's seed, in ``[0, 2**32)``.
+    backend: ``auto`` (fastest available), ``reference``, ``torch`` or ``triton``.
+    memory_budget: bytes the fast backends may use for batched work (None: from free memory).
+    """
+
+    beta: float = 0.5
+    gamma: float = 0.5
+    samples: int = 10
+    mask: str = "zero"
+    value_source: str = "attention"
+    layer_subset: int | None = None
+    window_size: int | None = None
+    overlap: float = 0.0
+    seed: int = 0
+    backend: str = "auto"
+    memory_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("beta", "gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not value >= 0:  # also rejects NaN
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        _check_int("samples", self.samples, minimum=1, what="m (samples) must be >= 1")
+        if self.mask not in MASKS:
+            raise ValueError(f"unknown mask {self.mask!r}; expected one of {', '.join(MASKS)}")
+        if self.value_source not in VALUE_SOURCES:
+            raise ValueError(f"unknown value_source {self.value_source!r}; expected one of {', '.join(VALUE_SOURCES)}")
+        if self.layer_subset is not None:
+            _check_int("layer_subset", self.layer_subset, minimum=1, what="layer_subset must be >= 1 (or None)")
+        if self.window_size is not None:
+            _check_int("window_size", self.window_size, minimum=0, what="window_size must be >= 0 (or None)")
+        if isinstance(self.overlap, bool) or not isinstance(self.overlap, (int, float)):
+            raise TypeError(f"overlap must be a number, got {type(self.overlap).__name__}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap must lie in [0, 1), got {self.overlap}")
+        check_seed(self.seed)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; expected one of {', '.join(BACKENDS)}")
+        if self.memory_budget is not None:
+            _check_int("memory_budget", self.memory_budget, minimum=1,
+                       what="memory_budget must be a positive byte count")
+
+    def replace(self, **changes) -> HETAConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_int(name: str, value, *, minimum: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{what}, got {value}")
