@@ -14,6 +14,8 @@ cannot run. Triton decides at load time whether kernels are compiled or interpre
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __all__ = ["fused_linear_kl", "hvp_block_l1_mean", "rademacher_triton", "triton_status"]
 
@@ -41,6 +43,22 @@ def triton_status() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device and TRITON_INTERPRET is not set"
     return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+
+
+class _Package(types.ModuleType):
+    """Keeps the wrapper ``fused_linear_kl`` bound on the package when its same-named submodule loads.
+
+    The import system sets ``package.<submodule>`` after loading a submodule, which would replace the
+    function with the module. Reach the modules with ``from heta_fast.kernels.<module> import ...``.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in __all__ and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def _load(module: str):

@@ -65,6 +65,8 @@ def _rademacher_kernel(out_ptr, pos_ptr, smp_ptr, seed, d, stride_ob, stride_od,
 
 def _as_index(name: str, value, device) -> torch.Tensor:
     t = torch.as_tensor(value, device=device).reshape(-1)
+    if t.numel() == 0:  # an empty list arrives as float32
+        return t.to(torch.int64)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
     if t.numel() and (int(t.min()) < 0 or int(t.max()) > MASK32):
