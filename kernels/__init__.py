@@ -14,8 +14,6 @@ cannot run. Triton decides at load time whether kernels are compiled or interpre
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 __all__ = ["fused_linear_kl", "hvp_block_l1_mean", "rademacher_triton", "triton_status"]
 
@@ -45,22 +43,6 @@ def triton_status() -> tuple[bool, str]:
     return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
 
 
-class _Package(types.ModuleType):
-    """Keeps the wrapper ``fused_linear_kl`` bound on the package when its same-named submodule loads.
-
-    The import system sets ``package.<submodule>`` after loading a submodule, which would replace the
-    function with the module. Reach the modules with ``from heta_fast.kernels.<module> import ...``.
-    """
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in __all__ and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 def _load(module: str):
     global _loaded_interpret
     ok, why = triton_status()
@@ -77,9 +59,9 @@ def _load(module: str):
 def fused_linear_kl(hidden, weight, bias, log_p, vocab_chunk=None, **kwargs):
     """Fused ``linear_kl``: hidden ``[B, d]``, weight ``[V, d]``, bias ``[V]``|None, log_p ``[V]`` -> ``[B]`` fp32.
 
-    See ``heta_fast.kernels.fused_linear_kl.fused_linear_kl`` for the keyword options (``out=`` ...).
+    See ``heta_fast.kernels.linear_kl.fused_linear_kl`` for the keyword options (``out=`` ...).
     """
-    return _load("fused_linear_kl").fused_linear_kl(hidden, weight, bias, log_p, vocab_chunk, **kwargs)
+    return _load("linear_kl").fused_linear_kl(hidden, weight, bias, log_p, vocab_chunk, **kwargs)
 
 
 def hvp_block_l1_mean(hvp, positions, n, samples, **kwargs):

@@ -98,12 +98,6 @@ def test_no_cuda_and_no_interpreter_is_reported(monkeypatch, fresh_package):
     assert not ok and why == "no CUDA device and TRITON_INTERPRET is not set"
 
 
-def test_wrapper_name_survives_submodule_import():
-    from heta_fast.kernels.fused_linear_kl import fused_linear_kl  # loads the same-named submodule
-
-    assert callable(K.fused_linear_kl) and fused_linear_kl.__module__.endswith("kernels.fused_linear_kl")
-
-
 # ---------------------------------------------------------------------------------------------
 # fused linear KL
 
@@ -360,8 +354,8 @@ _AOT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    import heta_fast.kernels.fused_linear_kl, heta_fast.kernels.hvp_reduce, heta_fast.kernels.probes
-    F, H, P = (sys.modules["heta_fast.kernels." + m] for m in ("fused_linear_kl", "hvp_reduce", "probes"))
+    import heta_fast.kernels.linear_kl, heta_fast.kernels.hvp_reduce, heta_fast.kernels.probes
+    F, H, P = (sys.modules["heta_fast.kernels." + m] for m in ("linear_kl", "hvp_reduce", "probes"))
     kl_sig = {"h_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*fp32", "lp_ptr": "*fp32", "ws_ptr": "*fp64"}
     kl_sig.update({k: "i32" for k in ("B", "V", "D", "tiles_per_split", "s_hb", "s_hd", "s_wv", "s_wd",
                                        "s_bias", "s_lp")})
