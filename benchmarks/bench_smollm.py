@@ -12,7 +12,7 @@ growth exponent of time in ``n``.
 Exact HETA's Hessian is ``n m`` HVPs, so both backends' Hessians can be estimated by sampling:
 
 - reference (``--hvp-sample K``): one graph is built and reused, so every HVP costs the same; ``K``
-  random ``(i, k)`` probes are timed and the mean scaled to ``n m`` (build time added once).
+  random ``(i, k)`` probes are timed and the median scaled to ``n m`` (build time added once).
 - fast (``--position-sample K``): position ``i`` costs about ``a + b (n - i)`` (it runs rows
   ``i .. p``). Position 0 is timed alone first; when ``0.5 (n + 1)`` times that exceeds
   ``--full-budget`` seconds, ``K`` stratified positions are timed, each alone (batch of one),
@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -134,6 +135,9 @@ def _load() -> list[float]:
 def reference_hessian_sampled(lm, E: torch.Tensor, y: int, config: HETAConfig, count: int, seed: int = 0) -> dict:
     """Time ``count`` of the reference's ``n m`` HVPs and scale to all of them.
 
+    Every HVP runs through the same graph, so they cost the same; the median time is used, so
+    an HVP slowed by another process on the machine does not inflate the estimate.
+
     Mirrors ``reference.hessian_sensitivity``: one forward with full logits, one gradient with
     ``create_graph``, then one ``autograd.grad`` with ``retain_graph`` per probe, read at block
     ``i``. E: ``[t + 1, d]``. Returns seconds (``estimate``), the build time, the per-HVP times.
@@ -157,10 +161,12 @@ def reference_hessian_sampled(lm, E: torch.Tensor, y: int, config: HETAConfig, c
         Hr[i].detach().float().abs().sum().item()
         times.append(time.perf_counter() - start)
     mean = sum(times) / len(times)
-    estimate = build + len(pairs) * mean
+    median = statistics.median(times)
+    estimate = build + len(pairs) * median
     std = math.sqrt(sum((x - mean) ** 2 for x in times) / len(times))
-    return {"estimate": estimate, "build": build, "hvp_mean": mean, "hvp_std": std, "timed": len(times),
-            "of": len(pairs), "label": f"extrapolated from {len(times)} of {len(pairs)} HVPs"}
+    return {"estimate": estimate, "build": build, "hvp_median": median, "hvp_mean": mean, "hvp_std": std,
+            "hvp_seconds": times, "timed": len(times), "of": len(pairs),
+            "label": f"extrapolated from {len(times)} of {len(pairs)} HVPs (median HVP time x n*m + build)"}
 
 
 class _Shifted:
