@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from heta_fast.components import Components
+from heta_fast.config import BACKENDS
 from heta_fast.model import CausalLM
 
 
@@ -33,10 +36,43 @@ def _torch() -> Backend:
     return Backend("torch", torch_backend.components)
 
 
+def _triton() -> Backend:
+    from heta_fast import kernels, torch_backend
+
+    ops = torch_backend.Ops(linear_kl=kernels.fused_linear_kl, block_l1_mean=kernels.hvp_block_l1_mean,
+                            rademacher=kernels.rademacher_triton)
+
+    def components(lm, ids, config, progress=None):
+        return torch_backend.components(lm, ids, config, progress, ops=ops)
+
+    return Backend("triton", components)
+
+
+def triton_status(device: torch.device | None = None) -> tuple[bool, str]:
+    """Whether the triton backend can run for a model on ``device``, and why not if it cannot."""
+    from heta_fast import kernels
+
+    ok, why = kernels.triton_status()
+    if ok and device is not None and device.type != "cuda" and "interpreter" not in why:
+        return False, f"the model is on {device.type}; the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
+    return ok, why
+
+
+def check(name: str, device: torch.device | None = None) -> None:
+    """Raise ``ValueError`` naming the reason when backend ``name`` cannot run (before any model work)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    if name == "triton":
+        ok, why = triton_status(device)
+        if not ok:
+            raise ValueError(f"backend 'triton' cannot run: {why}; use backend='torch' (same numbers)")
+
+
 def resolve(name: str, lm: CausalLM) -> Backend:
-    """The backend called ``name``; ``auto`` picks the fastest that can run on ``lm``'s device."""
+    """The backend called ``name``; ``auto`` picks triton for CUDA models where it can run, else torch."""
+    check(name, lm.device)
     if name == "reference":
         return _reference()
-    if name in ("auto", "torch"):
-        return _torch()
-    raise ValueError(f"backend {name!r} is not available yet")
+    if name == "triton" or (name == "auto" and lm.device.type == "cuda" and triton_status(lm.device)[0]):
+        return _triton()
+    return _torch()
