@@ -276,6 +276,12 @@ def run_attribute(args: argparse.Namespace) -> int:
     if args.top is not None and args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
     _check_device(args.device)
+    if config.backend == "triton":
+        import torch
+
+        from heta_fast.backends import check
+
+        check("triton", torch.device(args.device) if args.device else None)
     _check_model_folder(args.model)
     target = args.target_token if args.target_token is not None else args.target_id
 

@@ -10,6 +10,7 @@ from heta_fast.probes import check_seed
 MASKS = ("zero", "mean", "unk")
 VALUE_SOURCES = ("attention", "residual")
 BACKENDS = ("auto", "reference", "torch", "triton")
+HESSIANS = ("exact", "low_rank", "gauss_newton", "layer_subset")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,11 @@ class HETAConfig:
     seed: the counter-based generator's seed, in ``[0, 2**32)``.
     backend: ``auto`` (fastest available), ``reference``, ``torch`` or ``triton``.
     memory_budget: bytes the fast backends may use for batched work (None: from free memory).
+    hessian: how ``S`` is estimated: ``exact`` (the spec's block probes), ``low_rank`` (a rank
+        ``hessian_rank`` sketch of the input Hessian), ``gauss_newton`` (``J^T Lambda J`` on the
+        ``hessian_topk`` most probable tokens plus the target) or ``layer_subset`` (curvature
+        with respect to the residual stream entering the last ``hessian_layers`` layers).
+        See docs/estimators.md for formulas and costs.
     """
 
     beta: float = 0.5
@@ -39,6 +45,10 @@ class HETAConfig:
     seed: int = 0
     backend: str = "auto"
     memory_budget: int | None = None
+    hessian: str = "exact"
+    hessian_rank: int = 32
+    hessian_topk: int = 8
+    hessian_layers: int = 4
 
     def __post_init__(self) -> None:
         for name in ("beta", "gamma"):
@@ -66,6 +76,10 @@ class HETAConfig:
         if self.memory_budget is not None:
             _check_int("memory_budget", self.memory_budget, minimum=1,
                        what="memory_budget must be a positive byte count")
+        if self.hessian not in HESSIANS:
+            raise ValueError(f"unknown hessian estimator {self.hessian!r}; expected one of {', '.join(HESSIANS)}")
+        for name in ("hessian_rank", "hessian_topk", "hessian_layers"):
+            _check_int(name, getattr(self, name), minimum=1, what=f"{name} must be >= 1")
 
     def replace(self, **changes) -> HETAConfig:
         """A copy with some fields changed (validated again)."""

@@ -87,6 +87,9 @@ def kl_information(lm: CausalLM, E: torch.Tensor, config: HETAConfig,
 
 def components(lm: CausalLM, ids: torch.Tensor, config: HETAConfig, progress: Progress | None = None) -> Components:
     """``M, S, I`` for ids ``[t + 1]`` (context then target token)."""
+    if config.hessian != "exact":
+        raise ValueError(f"the reference backend computes the exact Hessian only (hessian={config.hessian!r}); "
+                         "use backend='torch' for approximate estimators")
     E = lm.embed(ids)
     y = int(ids[-1])
     timings = {}

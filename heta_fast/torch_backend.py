@@ -22,6 +22,12 @@ from heta_fast.probes import rademacher
 from heta_fast.semantic_flow import semantic_flow
 
 
+def estimate_sensitivity(lm: CausalLM, E: torch.Tensor, y: int, key_values, config: HETAConfig, budget: int,
+                         progress: Progress | None = None) -> torch.Tensor:
+    """``S`` ``[n]`` from an approximate curvature model (``config.hessian`` other than ``exact``)."""
+    raise ValueError(f"hessian estimator {config.hessian!r} is not implemented yet")
+
+
 @dataclass(frozen=True)
 class Ops:
     """The hot reductions, swappable for fused kernels (see ``heta_fast.kernels``)."""
@@ -52,8 +58,12 @@ def components(lm: CausalLM, ids: torch.Tensor, config: HETAConfig, progress: Pr
     if progress is not None:
         progress("semantic_flow", 1, 1)
     with timed(timings, "hessian"):
-        S = hessian.hessian_sensitivity(lm, E, y, key_values, config, budget, ops.rademacher, ops.block_l1_mean,
-                                        progress).cpu()
+        if config.hessian == "exact":
+            S = hessian.hessian_sensitivity(lm, E, y, key_values, config, budget, ops.rademacher, ops.block_l1_mean,
+                                            progress)
+        else:
+            S = estimate_sensitivity(lm, E, y, key_values, config, budget, progress)
+        S = S.cpu()
     with timed(timings, "kl"):
         I = kl.kl_information(lm, E, log_P, key_values, config, budget, ops.linear_kl, progress).cpu()
     return Components(M=M, S=S, I=I, timings=timings)
