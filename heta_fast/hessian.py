@@ -31,16 +31,21 @@ def hessian_sensitivity(lm, E: torch.Tensor, y: int, key_values, config, budget:
     ``a .. p`` (variant ``j`` carries its leaf at row ``j``); variants are independent, so one
     gradient of ``sum_j g_j`` and one batched backward per probe set give every ``H_ii r_{i,k}``.
     """
-    from heta_fast.memory import batch_size
+    from heta_fast.memory import batch_size, sequence_bytes, warn_if_over
     from heta_fast.probes import rademacher
 
     rademacher_fn = rademacher_fn or rademacher
     t, d = E.shape[0] - 1, E.shape[1]
     m = config.samples
     S = torch.zeros(t, dtype=torch.float32, device=E.device)
+    # probes go through the backward in groups: all m at once unless one position would not fit
+    group = m
+    while group > 1 and sequence_bytes(lm, t, t, 2 + 2 * group) > budget:
+        group = (group + 1) // 2
+    warn_if_over(budget, sequence_bytes(lm, t, t, 2 + 2 * group), "the HVPs of the first position")
     a = 0
     while a < t:
-        c = batch_size(lm, budget, t - a, t, copies=4 + 2 * m, limit=max(1, -(-t // 8)))
+        c = batch_size(lm, budget, t - a, t, copies=2 + 2 * group, limit=max(1, -(-t // 8)))
         b = min(t, a + c)
         c = b - a
         leaves = E[a:b].detach().clone().requires_grad_(True)  # x_i for i in [a, b)
@@ -50,12 +55,16 @@ def hessian_sensitivity(lm, E: torch.Tensor, y: int, key_values, config, budget:
         hidden = lm.hidden(batch, past=past).last_hidden_state[:, -1]  # row p of every variant
         g = torch.log_softmax(lm.unembed(hidden).float(), dim=-1)[:, y].sum()
         (grad,) = torch.autograd.grad(g, leaves, create_graph=True)
-        positions = torch.arange(a, b, device=E.device).repeat(m)  # sample-major: row k * c + j
-        samples = torch.arange(m, device=E.device).repeat_interleave(c)
-        probes = rademacher_fn(config.seed, positions, samples, d, dtype=E.dtype, device=E.device).view(m, c, d)
-        (Hr,) = torch.autograd.grad(grad, leaves, grad_outputs=probes, is_grads_batched=True)
-        S += block_l1_fn(Hr.reshape(m * c, d), positions, t, m)
-        del grad, Hr, g, hidden, batch, past
+        for k0 in range(0, m, group):
+            k1 = min(m, k0 + group)
+            positions = torch.arange(a, b, device=E.device).repeat(k1 - k0)  # sample-major: row k * c + j
+            samples = torch.arange(k0, k1, device=E.device).repeat_interleave(c)
+            probes = rademacher_fn(config.seed, positions, samples, d, dtype=E.dtype, device=E.device)
+            (Hr,) = torch.autograd.grad(grad, leaves, grad_outputs=probes.view(k1 - k0, c, d), is_grads_batched=True,
+                                        retain_graph=k1 < m)
+            S += block_l1_fn(Hr.reshape(-1, d), positions, t, m)
+            del Hr
+        del grad, g, hidden, batch, past
         if progress is not None:
             progress("hessian", b, t)
         a = b

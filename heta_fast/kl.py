@@ -88,12 +88,13 @@ def kl_information(lm, E: torch.Tensor, log_P: torch.Tensor, key_values, config,
     Variants are batched by context position; a batch ``[a, b)`` runs rows ``a .. p`` on the
     cached keys/values of rows ``< a`` and unembeds row ``p`` only.
     """
-    from heta_fast.memory import batch_size
+    from heta_fast.memory import batch_size, sequence_bytes, warn_if_over
 
     t = E.shape[0] - 1
     I = torch.zeros(t, dtype=torch.float32, device=E.device)
     weight, bias = lm.lm_head.weight, lm.lm_head.bias
     vocab_chunk = max(1024, budget // (4 * 8 * 64))  # 64 rows of float64 logits per chunk at most
+    warn_if_over(budget, sequence_bytes(lm, t, t, 1), "one masked forward")
     a = 0
     with torch.no_grad():
         while a < t:
