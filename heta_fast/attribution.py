@@ -1,4 +1,7 @@
-"""``Attribution``: the result of explaining one target token, and how it shows itself."""
+"""``Attribution``: the result of explaining one target token, and how it shows itself.
+
+``MultiAttribution``: several targets of one text, a targets x context matrix of them.
+"""
 
 from __future__ import annotations
 
@@ -112,6 +115,183 @@ class Attribution:
         shown = min(len(self), 10)
         more = f"\n... {len(self) - shown} more" if len(self) > shown else ""
         return f"Attribution(\n{self.table(shown)}{more}\n)"
+
+
+@dataclass
+class MultiAttribution:
+    """HETA scores for several target tokens of one text: a targets x context matrix.
+
+    Row ``k`` explains the target at position ``targets[k]`` by its own context
+    ``x_0 .. x_{targets[k] - 1}``; it equals the single-target ``Attribution`` of that target
+    (``self[k]`` returns it).
+
+    scores, M, S, I: ``[K, n_max]`` float32, ``K = len(targets)``, ``n_max = max(targets)``.
+    Entries at positions ``>= targets[k]`` lie outside target ``k``'s context and are NaN, not 0:
+    0 is a real score, and NaN keeps a missing entry from passing for one (``valid`` marks the
+    defined entries; ``matrix.nan_to_num()`` gives zeros). ``context_ids``/``context_tokens``:
+    ``x_0 .. x_{n_max - 1}``, shared by all rows (each row reads a prefix). ``targets``: the
+    positions in the order asked; ``target_ids``/``target_tokens``: the tokens there.
+    ``config``/``backend``: as for ``Attribution``. ``timings``: seconds per stage of the whole
+    call. ``row_timings``: per target, the seconds spent on that target alone (everything when
+    targets were explained one by one; on the shared path only its own ``S``, and ``I`` when the
+    mask is ``mean``). ``prompt_length``: set by ``HETA.explain_generation``, the number of
+    prompt tokens (every target was generated); None otherwise.
+    """
+
+    scores: torch.Tensor
+    M: torch.Tensor
+    S: torch.Tensor
+    I: torch.Tensor  # noqa: E741 - the spec's name
+    context_tokens: list[str]
+    context_ids: list[int]
+    targets: list[int]
+    target_ids: list[int]
+    target_tokens: list[str]
+    config: dict
+    backend: str
+    timings: dict = field(default_factory=dict)
+    row_timings: list[dict] = field(default_factory=list)
+    prompt_length: int | None = None
+
+    @classmethod
+    def from_rows(cls, rows: list[Attribution], *, config: dict, backend: str, timings: dict | None = None,
+                  prompt_length: int | None = None) -> MultiAttribution:
+        """Stack single-target attributions of one text (their contexts are prefixes of one another)."""
+        if not rows:
+            raise ValueError("no attributions to stack")
+        longest = max(rows, key=len)
+        n_max = len(longest)
+        for row in rows:
+            if row.context_ids != longest.context_ids[:len(row)]:
+                raise ValueError(f"target {row.target_pos}'s context is not a prefix of the longest context")
+        tensors = {}
+        for name in ("scores", "M", "S", "I"):
+            out = torch.full((len(rows), n_max), float("nan"), dtype=torch.float32)
+            for k, row in enumerate(rows):
+                out[k, :len(row)] = getattr(row, name).float()
+            tensors[name] = out
+        if timings is None:
+            timings = {}
+            for row in rows:
+                for stage, seconds in row.timings.items():
+                    timings[stage] = timings.get(stage, 0.0) + seconds
+        return cls(context_tokens=list(longest.context_tokens), context_ids=list(longest.context_ids),
+                   targets=[r.target_pos for r in rows], target_ids=[r.target_id for r in rows],
+                   target_tokens=[r.target_token for r in rows], config=dict(config), backend=backend,
+                   timings=dict(timings), row_timings=[dict(r.timings) for r in rows],
+                   prompt_length=prompt_length, **tensors)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The scores, ``[K, n_max]`` (targets x context positions; NaN outside a target's context)."""
+        return self.scores
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``[K, n_max]`` bool: True where position ``i`` is in target ``k``'s context (``i < targets[k]``)."""
+        positions = torch.arange(len(self.context_ids))
+        return positions[None, :] < torch.tensor(self.targets)[:, None]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, k: int) -> Attribution:
+        """The single-target ``Attribution`` of target ``k`` (negative ``k`` counts from the end)."""
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"index with an int target number, got {type(k).__name__}")
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"target {k} out of range for {len(self)} targets")
+        k %= len(self)
+        n = self.targets[k]
+        timings = self.row_timings[k] if self.row_timings else {}
+        return Attribution(scores=self.scores[k, :n].clone(), M=self.M[k, :n].clone(), S=self.S[k, :n].clone(),
+                           I=self.I[k, :n].clone(), context_tokens=self.context_tokens[:n],
+                           context_ids=self.context_ids[:n], target_token=self.target_tokens[k],
+                           target_id=self.target_ids[k], target_pos=n, config=dict(self.config),
+                           backend=self.backend, timings=dict(timings))
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (rows stored ragged, so no NaN); ``MultiAttribution.from_dict`` inverts it."""
+        rows = {name: [getattr(self, name)[k, :t].tolist() for k, t in enumerate(self.targets)]
+                for name in ("scores", "M", "S", "I")}
+        return {
+            "targets": list(self.targets),
+            "target_ids": list(self.target_ids),
+            "target_tokens": list(self.target_tokens),
+            "context_ids": list(self.context_ids),
+            "context_tokens": list(self.context_tokens),
+            **rows,
+            "config": dict(self.config),
+            "backend": self.backend,
+            "timings": dict(self.timings),
+            "row_timings": [dict(t) for t in self.row_timings],
+            "prompt_length": self.prompt_length,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MultiAttribution:
+        targets = [int(t) for t in data["targets"]]
+        n_max = len(data["context_ids"])
+        tensors = {}
+        for name in ("scores", "M", "S", "I"):
+            out = torch.full((len(targets), n_max), float("nan"), dtype=torch.float32)
+            for k, row in enumerate(data[name]):
+                out[k, :len(row)] = torch.tensor(row, dtype=torch.float32)
+            tensors[name] = out
+        prompt_length = data.get("prompt_length")
+        return cls(context_tokens=list(data["context_tokens"]), context_ids=list(data["context_ids"]),
+                   targets=targets, target_ids=[int(i) for i in data["target_ids"]],
+                   target_tokens=list(data["target_tokens"]), config=dict(data["config"]), backend=data["backend"],
+                   timings=dict(data.get("timings", {})), row_timings=[dict(t) for t in data.get("row_timings", [])],
+                   prompt_length=None if prompt_length is None else int(prompt_length), **tensors)
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def heat_map(self, max_rows: int | None = None) -> str:
+        """Context tokens down, targets across; each cell is the score over its target's largest score.
+
+        ``*`` marks a target's own position; blank cells lie outside a target's context. With
+        ``max_rows`` only the first and last positions are shown (a quarter from the start).
+        """
+        K, n = len(self), len(self.context_ids)
+        lines = [f"{K} targets over {n} context tokens, backend {self.backend}; "
+                 "cell = score / the target's largest score, * = the target itself"]
+        legend = [f"{k:>3}: {t} {tok!r}" for k, (t, tok) in enumerate(zip(self.targets, self.target_tokens,
+                                                                          strict=True))]
+        column = max(len(entry) for entry in legend)
+        for start in range(0, K, 4):
+            lines.append("  ".join(f"{entry:<{column}}" for entry in legend[start:start + 4]).rstrip())
+        top = torch.nan_to_num(self.scores, nan=0.0).amax(dim=1).clamp_min(1e-30) if n else torch.ones(K)
+        width = min(16, max([5] + [len(repr(tok)) for tok in self.context_tokens]))
+        lines.append(f"{'pos':>5}  {'token':<{width}}  " + " ".join(str(k % 10) for k in range(K)))
+        shown = list(range(n))
+        if max_rows is not None and n > max_rows:
+            head = max(1, max_rows // 4)
+            shown = list(range(head)) + [None] + list(range(n - (max_rows - head), n))
+        for i in shown:
+            if i is None:
+                lines.append(f"{'...':>5}  ({n - max_rows} positions not shown)")
+                continue
+            cells = []
+            for k, t in enumerate(self.targets):
+                if i == t:
+                    cells.append("*")
+                elif i > t:
+                    cells.append(" ")
+                else:
+                    level = round(float(self.scores[k, i]) / float(top[k]) * (len(_BLOCKS) - 1))
+                    cells.append(_BLOCKS[min(len(_BLOCKS) - 1, max(1, level))])  # never blank inside a context
+            token = repr(self.context_tokens[i])
+            token = token if len(token) <= width else token[:width - 1] + "…"
+            lines.append((f"{i:>5}  {token:<{width}}  " + " ".join(cells)).rstrip())
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"MultiAttribution(\n{self.heat_map(max_rows=40)}\n)"
 
 
 def _heat_colour(x: float) -> int:
