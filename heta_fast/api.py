@@ -3,6 +3,8 @@
     heta = HETA.from_pretrained()                 # embedded SmolLM2-135M-Instruct
     attribution = heta.attribute("The capital of France is Paris")
     print(attribution)
+    several = heta.attribute("The capital of France is Paris", targets=[3, 5])  # MultiAttribution
+    generation = heta.explain_generation("The capital of France is", max_new_tokens=8)
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from heta_fast import backends
-from heta_fast.attribution import Attribution
+from heta_fast import backends, multi_target
+from heta_fast.attribution import Attribution, MultiAttribution
 from heta_fast.components import Components, Progress, combine, windowed
 from heta_fast.config import HETAConfig
 from heta_fast.model import CausalLM
@@ -96,8 +98,9 @@ class HETA:
         return target_token
 
     def attribute(self, text_or_ids: str | Sequence[int] | torch.Tensor, target_pos: int | None = None,
-                  target_token: str | int | None = None, *, config: HETAConfig | None = None,
-                  progress: Progress | None = None, **overrides) -> Attribution:
+                  target_token: str | int | None = None, *, targets: Sequence[int] | None = None,
+                  config: HETAConfig | None = None, progress: Progress | None = None,
+                  **overrides) -> Attribution | MultiAttribution:
         """Explain the token at ``target_pos`` (default: the last one) by the tokens before it.
 
         text_or_ids: text or ``L`` token ids. target_pos: ``t`` in ``[1, L - 1]``; tokens after it
@@ -105,7 +108,13 @@ class HETA:
         (to explain a token the model did not pick); ``target_pos = L`` is then allowed and
         appends it after the whole input. config/overrides: this call's ``HETAConfig`` (fields
         given as keywords replace the default's). progress: ``progress(stage, done, total)``.
+        targets: several positions at once instead of ``target_pos``; returns a
+        ``MultiAttribution`` (see ``attribute_targets``).
         """
+        if targets is not None:
+            if target_pos is not None or target_token is not None:
+                raise ValueError("give either targets or target_pos/target_token, not both")
+            return self.attribute_targets(text_or_ids, targets, config=config, progress=progress, **overrides)
         config = config or self.config
         if overrides:
             config = config.replace(**overrides)
@@ -126,11 +135,97 @@ class HETA:
         context = torch.tensor(ids[:target_pos], dtype=torch.long)
         c = windowed(lambda window: backend.components(self.lm, window, config, progress), context, y,
                      config.window_size, config.overlap)
+        return self._attribution(c, context.tolist(), y, target_pos, config, backend.name)
+
+    def attribute_targets(self, text_or_ids: str | Sequence[int] | torch.Tensor, targets: Sequence[int], *,
+                          config: HETAConfig | None = None, progress: Progress | None = None,
+                          prompt_length: int | None = None, **overrides) -> MultiAttribution:
+        """Explain several tokens of one text: row ``k`` explains the token at ``targets[k]``.
+
+        text_or_ids: text or ``L`` token ids; targets: distinct positions in ``[1, L - 1]``, in
+        any order (rows keep it). Each row equals ``attribute(text_or_ids, target_pos=targets[k])``.
+        On the torch and triton backends one forward, one semantic-flow descent and (masks
+        ``zero``/``unk``) one set of masked forwards serve all targets; ``S`` runs per target.
+        The reference backend, and windows (``window_size`` set and a target's context longer
+        than it), explain the targets one by one with ``attribute``.
+        """
+        config = config or self.config
+        if overrides:
+            config = config.replace(**overrides)
+        ids = self.tokenize(text_or_ids)
+        targets = multi_target.check_targets(targets, len(ids))
+        backend = backends.resolve(config.backend, self.lm)
+        windows = bool(config.window_size) and max(targets) > config.window_size
+        if backend.name == "reference" or windows:
+            rows = [self.attribute(ids, target_pos=t, config=config, progress=progress) for t in targets]
+            return MultiAttribution.from_rows(rows, config=config.to_dict(), backend=backend.name,
+                                              prompt_length=prompt_length)
+        parts, timings = multi_target.components_many(self.lm, torch.tensor(ids, dtype=torch.long), targets, config,
+                                                      progress, ops=multi_target.ops_for(backend.name))
+        rows = [self._attribution(c, ids[:t], ids[t], t, config, backend.name)
+                for c, t in zip(parts, targets, strict=True)]
+        return MultiAttribution.from_rows(rows, config=config.to_dict(), backend=backend.name, timings=timings,
+                                          prompt_length=prompt_length)
+
+    def generate(self, text_or_ids: str | Sequence[int] | torch.Tensor, max_new_tokens: int = 16,
+                 stop_at_eos: bool = True) -> list[int]:
+        """Greedy decoding: the prompt's ids followed by up to ``max_new_tokens`` argmax tokens.
+
+        Stops after an end-of-sequence token when ``stop_at_eos`` (the EOS is kept: it was
+        generated). Uses the model's key/value cache, one new row per step.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        ids = self.tokenize(text_or_ids)
+        eos = self._eos_ids() if stop_at_eos else set()
+        out = list(ids)
+        with torch.no_grad():
+            step = self.lm.hidden(self.lm.embed(torch.tensor(ids, dtype=torch.long))[None], use_cache=True)
+            for _ in range(max_new_tokens):
+                token = int(self.lm.unembed(step.last_hidden_state[0, -1]).argmax())
+                out.append(token)
+                if token in eos or len(out) - len(ids) == max_new_tokens:
+                    break
+                cache = getattr(step, "cache", None) or step.past_key_values
+                step = self.lm.hidden(self.lm.embed(torch.tensor([token]))[None], past=cache)
+        return out
+
+    def explain_generation(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int = 16, *,
+                           stop_at_eos: bool = True, config: HETAConfig | None = None,
+                           progress: Progress | None = None, **overrides) -> MultiAttribution:
+        """Generate greedily after ``prompt``, then explain every generated token by what precedes it.
+
+        Returns a ``MultiAttribution`` whose targets are the generated positions
+        (``prompt_length .. prompt_length + new - 1``); row ``k`` explains generated token ``k``
+        by the prompt and the tokens generated before it.
+        """
+        config = config or self.config
+        if overrides:
+            config = config.replace(**overrides)
+        backends.check(config.backend, self.lm.device)
+        ids = self.generate(prompt, max_new_tokens, stop_at_eos)
+        start = len(self.tokenize(prompt))
+        return self.attribute_targets(ids, list(range(start, len(ids))), config=config, progress=progress,
+                                      prompt_length=start)
+
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(self.model.config, "eos_token_id", None)
+        if eos is None:
+            return set()
+        return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+
+    def _attribution(self, c: Components, context: list[int], y: int, target_pos: int, config: HETAConfig,
+                     backend: str) -> Attribution:
+        """Components of one target -> its ``Attribution`` (scores combined here)."""
         M, S, I = (x.detach().float().cpu() for x in (c.M, c.S, c.I))
         return Attribution(scores=combine(Components(M, S, I), config.beta, config.gamma), M=M, S=S, I=I,
-                           context_tokens=self._token_strings(context.tolist()), context_ids=context.tolist(),
+                           context_tokens=self._token_strings(context), context_ids=list(context),
                            target_token=self._token_strings([y])[0], target_id=y, target_pos=target_pos,
-                           config=config.to_dict(), backend=backend.name, timings=c.timings)
+                           config=config.to_dict(), backend=backend, timings=c.timings)
 
     def _token_strings(self, ids: list[int]) -> list[str]:
         if self.tokenizer is None:
