@@ -36,6 +36,8 @@ from heta_fast.model import CausalLM
 from heta_fast.semantic_flow import semantic_flows
 from heta_fast.torch_backend import TORCH_OPS, Ops, estimate_sensitivity
 
+BATCHES = 4  # masked positions in about this many batches, as kl.kl_information: bounds the triangle's waste
+
 
 def ops_for(backend_name: str) -> Ops:
     """The reductions a backend uses: fused Triton kernels for ``triton``, plain torch otherwise.
@@ -90,14 +92,46 @@ def _cut(key_values, length: int):
     return [(k[:, :, :length], v[:, :, :length]) for k, v in key_values]
 
 
-def shared_kl(lm: CausalLM, E: torch.Tensor, log_P: torch.Tensor, targets: Sequence[int], key_values,
-              config: HETAConfig, budget: int, linear_kl_fn=kl.linear_kl,
+def shifted_kl(shift: torch.Tensor, weight: torch.Tensor, log_p: torch.Tensor, owner: torch.Tensor,
+               max_rows: int) -> torch.Tensor:
+    """``KL(P_k || Q_b)`` where ``Q_b`` moves ``P_k``'s hidden state by ``shift_b``: ``[B]`` float32.
+
+    shift: ``[B, d]``, row ``b`` the masked minus the unmasked hidden state at its target's
+    prediction row; weight: ``[V, d]`` (the unembedding); log_p: ``[K, V]`` float64, the unmasked
+    log-probabilities; owner: ``[B]`` int, the target ``k`` of each row (rows of one target
+    contiguous); max_rows: rows per ``[rows, V]`` block (memory bound).
+
+    With ``delta = shift W^T`` (the logit change; a bias cancels) and ``log P = log_softmax(z)``,
+    ``KL(P || softmax(z + delta)) = logsumexp(log P + delta) - sum_v P_v delta_v``. Rows of all
+    targets share one unembedding matmul, and the two terms are of the size of ``delta``, not of
+    the logits, so float64 on ``delta`` keeps small KLs exact without the logits' cancellation.
+    """
+    out = torch.empty(shift.shape[0], dtype=torch.float32, device=shift.device)
+    p = log_p.exp()
+    for start in range(0, shift.shape[0], max_rows):
+        stop = min(shift.shape[0], start + max_rows)
+        delta = (shift[start:stop] @ weight.T).double()  # [r, V]
+        mean = torch.empty(stop - start, dtype=torch.float64, device=shift.device)
+        ks, counts = owner[start:stop].unique_consecutive(return_counts=True)
+        a = 0
+        for k, count in zip(ks.tolist(), counts.tolist(), strict=True):  # one slice per target
+            mean[a:a + count] = delta[a:a + count] @ p[k]
+            delta[a:a + count] += log_p[k]
+            a += count
+        out[start:stop] = (torch.logsumexp(delta, dim=-1) - mean).clamp_min(0.0).float()
+    return out
+
+
+def shared_kl(lm: CausalLM, E: torch.Tensor, log_P: torch.Tensor, reference: torch.Tensor, targets: Sequence[int],
+              key_values, config: HETAConfig, budget: int, linear_kl_fn=None,
               progress: Progress | None = None) -> list[torch.Tensor]:
     """``I`` of every target from one set of masked forwards (masks ``zero`` and ``unk``).
 
-    E: ``[T + 1, d]`` (rows ``0 .. T``, ``T = max(targets)``); log_P: ``[K, V]``, row ``k`` the
-    unmasked log-probabilities at ``p_k = targets[k] - 1``; key_values: the prefix cache of rows
-    ``0 .. T - 1``. Returns a list of ``[targets[k]]`` float32 tensors.
+    E: ``[T + 1, d]`` (rows ``0 .. T``, ``T = max(targets)``); log_P: ``[K, V]`` float64, row ``k``
+    the unmasked log-probabilities at ``p_k = targets[k] - 1``; reference: ``[K, d]``, the unmasked
+    hidden states there; key_values: the prefix cache of rows ``0 .. T - 1``. linear_kl_fn: None
+    for ``shifted_kl`` over all targets at once, or a ``kl.linear_kl``-like reduction (the fused
+    kernel) called per target. Returns a list of ``[targets[k]]`` float32 tensors.
 
     Masked positions are batched as in ``kl.kl_information``: a batch ``[a, b)`` runs rows
     ``a .. T - 1`` (every variant must reach the last prediction row, since the longest target's
@@ -110,21 +144,27 @@ def shared_kl(lm: CausalLM, E: torch.Tensor, log_P: torch.Tensor, targets: Seque
     I = [torch.zeros(t, dtype=torch.float32, device=E.device) for t in targets]
     weight, bias = lm.lm_head.weight, lm.lm_head.bias
     vocab_chunk = max(1024, budget // (4 * 8 * 64))  # as kl.kl_information: bounded float64 logit chunks
+    max_rows = max(1, budget // (24 * weight.shape[0]))  # a [rows, V] float32 product, its float64 copy, a temp
     a = 0
     with torch.no_grad():
         while a < T:
-            c = batch_size(lm, budget, T - a, T, copies=1, limit=max(1, -(-T // 4)))
+            c = batch_size(lm, budget, T - a, T, copies=1, limit=max(1, -(-T // BATCHES)))
             b = min(T, a + c)
             positions = torch.arange(a, b, device=E.device)
             batch = kl.masked_batch(E, a, b, kl.mask_rows(config.mask, E, positions, config.seed))
             past = lm.prefix_cache(key_values, a, b - a)
             hidden = lm.hidden(batch, past=past).last_hidden_state  # [b - a, T - a, d]: rows a .. T - 1
-            for k, t in enumerate(targets):
-                if t <= a:  # no position of this batch is in target k's context
-                    continue
-                stop = min(b, t)
-                I[k][a:stop] = linear_kl_fn(hidden[:stop - a, t - 1 - a], weight, bias, log_P[k],
-                                            vocab_chunk=vocab_chunk)
+            reads = [(k, min(b, t)) for k, t in enumerate(targets) if t > a]  # targets whose context meets [a, b)
+            if linear_kl_fn is None:
+                shift = torch.cat([hidden[:stop - a, targets[k] - 1 - a] - reference[k] for k, stop in reads])
+                owner = torch.cat([torch.full((stop - a,), k, device=E.device) for k, stop in reads])
+                values = shifted_kl(shift, weight, log_P, owner, max_rows).split([stop - a for _, stop in reads])
+                for (k, stop), value in zip(reads, values, strict=True):
+                    I[k][a:stop] = value
+            else:
+                for k, stop in reads:
+                    I[k][a:stop] = linear_kl_fn(hidden[:stop - a, targets[k] - 1 - a], weight, bias, log_P[k],
+                                                vocab_chunk=vocab_chunk)
             del hidden, batch, past
             if progress is not None:
                 progress("kl", b, T)
@@ -191,7 +231,8 @@ def components_many(lm: CausalLM, ids: torch.Tensor, targets: Sequence[int], con
                                                ops.linear_kl, report if progress is not None else None).cpu())
                 done += t
         else:
-            I = [i.cpu() for i in shared_kl(lm, E, log_P, targets, key_values, config, budget, ops.linear_kl,
+            fused = None if ops.linear_kl is kl.linear_kl else ops.linear_kl  # torch: all targets in one matmul
+            I = [i.cpu() for i in shared_kl(lm, E, log_P, hidden, targets, key_values, config, budget, fused,
                                             progress)]
     parts = [Components(M=M[k], S=S[k], I=I[k], timings=own[k]) for k in range(len(targets))]
     return parts, timings

@@ -15,9 +15,22 @@ import pytest
 import torch
 from conftest import VOCAB, random_ids, rel_err, tiny_gpt2, tiny_llama
 
-from heta_fast import HETA, HETAConfig
+from heta_fast import HETA, HETAConfig, kl
 from heta_fast.attribution import Attribution, MultiAttribution
+from heta_fast.multi_target import components_many, shifted_kl
 from heta_fast.semantic_flow import prediction_rows
+from heta_fast.torch_backend import Ops
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU OpenMP's spinning threads can
+    make these tests 30x slower; one thread for this module, restored after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 L = 13  # tokens per random input
 TARGET_SETS = {
@@ -148,6 +161,40 @@ def test_prediction_rows_of_several_rows_match_one_row_each():
         one = prediction_rows(A[..., :r + 1, :r + 1])  # row r is the last row of the cut matrix
         assert torch.allclose(phi[:, :, k, :r + 1], one, atol=1e-6)
         assert (phi[:, :, k, r + 1:] == 0).all()  # causal: nothing after the row reaches it
+
+
+def test_shifted_kl_equals_linear_kl():
+    g = torch.Generator().manual_seed(1)
+    V, d = 300, 16
+    weight, bias = torch.randn(V, d, generator=g), torch.randn(V, generator=g)
+    reference = torch.randn(2, d, generator=g)  # unmasked hidden states of two targets
+    log_p = torch.log_softmax(reference.double() @ weight.double().T + bias.double(), dim=-1)  # exact P
+    hidden = [reference[0] + torch.randn(3, d, generator=g) * s for s in (1e-3,)] + \
+             [reference[1] + torch.randn(4, d, generator=g)]
+    owner = torch.tensor([0] * 3 + [1] * 4)
+    shift = torch.cat([hidden[0] - reference[0], hidden[1] - reference[1]])
+    exact = torch.cat([kl.kl_from_log_probs(log_p[k], torch.log_softmax(h.double() @ weight.double().T + bias.double(),
+                                                                         dim=-1)) for k, h in enumerate(hidden)])
+    chunked = torch.cat([kl.linear_kl(h, weight, bias, log_p[k]) for k, h in enumerate(hidden)])
+    for max_rows in (1, 2, 7):  # row blocks cut through a target's rows
+        got = shifted_kl(shift, weight, log_p, owner, max_rows)
+        for part in (slice(0, 3), slice(3, 7)):  # tiny KLs (a small shift) and large ones
+            assert rel_err(got[part], exact[part]) < 1e-5
+            assert rel_err(got[part], exact[part]) <= 2 * rel_err(chunked[part], exact[part]) + 1e-6
+
+
+def test_per_target_reduction_path_matches_the_grouped_one(model, fresh_seed):
+    """The triton backend's route (a fused ``linear_kl`` called per target), with torch's reduction in it."""
+    from heta_fast.model import CausalLM
+
+    lm = CausalLM(model)
+    ids = random_ids(fresh_seed, 12)
+    config = HETAConfig(samples=1, seed=fresh_seed, mask="unk")
+    ops = Ops(linear_kl=lambda *args, **kwargs: kl.linear_kl(*args, **kwargs))  # not kl.linear_kl itself
+    grouped, _ = components_many(lm, ids, [11, 4, 8], config, sensitivity=False)
+    per_target, _ = components_many(lm, ids, [11, 4, 8], config, ops=ops, sensitivity=False)
+    for a, b in zip(grouped, per_target, strict=True):
+        assert rel_err(a.I, b.I) < 1e-4 and torch.equal(a.M, b.M)
 
 
 def test_progress_reaches_every_stage(fresh_seed):
