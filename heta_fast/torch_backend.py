@@ -24,8 +24,13 @@ from heta_fast.semantic_flow import semantic_flow
 
 def estimate_sensitivity(lm: CausalLM, E: torch.Tensor, y: int, key_values, config: HETAConfig, budget: int,
                          progress: Progress | None = None) -> torch.Tensor:
-    """``S`` ``[n]`` from an approximate curvature model (``config.hessian`` other than ``exact``)."""
-    raise ValueError(f"hessian estimator {config.hessian!r} is not implemented yet")
+    """``S`` ``[n]`` from an approximate curvature model (``config.hessian`` other than ``exact``).
+
+    Dispatches to ``heta_fast.sensitivity`` (formulas and costs: docs/estimators.md).
+    """
+    from heta_fast.sensitivity import estimate_sensitivity as estimate
+
+    return estimate(lm, E, y, key_values, config, budget, progress)
 
 
 @dataclass(frozen=True)
