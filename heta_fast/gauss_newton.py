@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from heta_fast.components import Progress
-from heta_fast.sensitivity import block_probes, sequences_that_fit
+from heta_fast.sensitivity import block_probes, vectors_that_fit
 
 
 def logit_set(log_probs: torch.Tensor, y: int, topk: int) -> torch.Tensor:
@@ -77,8 +77,7 @@ def gauss_newton_sensitivity(lm, E: torch.Tensor, y: int, config, budget: int,
                              progress: Progress | None = None) -> torch.Tensor:
     """``S`` ``[n]`` from ``J^T Lambda J`` on ``config.hessian_topk`` logits (+ the target). E: ``[t + 1, d]``."""
     t, d = E.shape[0] - 1, E.shape[1]
-    # the forward graph holds ~2 forwards' activations, each vector of the batched backward ~2 more
-    chunk = max(1, (sequences_that_fit(lm, budget, t) - 2) // 2)
+    chunk = vectors_that_fit(lm, budget, t, config.hessian_topk + 1, "one logit's backward over all rows")
     J, probs = logit_jacobian(lm, E, y, config.hessian_topk, chunk)
     Lam = softmax_curvature(probs)
     if progress is not None:

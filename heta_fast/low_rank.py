@@ -20,7 +20,7 @@ import torch
 
 from heta_fast.components import Progress
 from heta_fast.probes import check_seed, hash32, hash32_int
-from heta_fast.sensitivity import block_probes, sequences_that_fit, target_log_prob
+from heta_fast.sensitivity import block_probes, target_log_prob, vectors_that_fit
 
 STREAM_SKETCH = 0x736B6574  # "sket": a stream of its own, so sketch and block probes never coincide
 
@@ -111,9 +111,7 @@ def low_rank_sensitivity(lm, E: torch.Tensor, y: int, config, budget: int,
                          progress: Progress | None = None) -> torch.Tensor:
     """``S`` ``[n]`` from the rank-``config.hessian_rank`` model. E: ``[t + 1, d]``; y: target id."""
     t, d = E.shape[0] - 1, E.shape[1]
-    # the graph with create_graph holds ~4 forwards' activations, each batched vector ~2 more
-    chunk = max(1, (sequences_that_fit(lm, budget, t) - 4) // 2)
-    chunk = min(chunk, config.hessian_rank)
+    chunk = vectors_that_fit(lm, budget, t, min(config.hessian_rank, t * d), "one low-rank HVP over all rows")
     hvp = InputHessian(lm, E, y)
     Q, B = low_rank_model(hvp, config.seed, config.hessian_rank, t, d, chunk, E.device, E.dtype, progress)
     del hvp

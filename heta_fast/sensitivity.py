@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from heta_fast.components import Progress
-from heta_fast.memory import batch_size
 from heta_fast.probes import rademacher
 
 
@@ -32,13 +31,20 @@ def block_probes(seed: int, start: int, stop: int, samples: int, d: int, dtype: 
     return rademacher(seed, positions, ks, d, dtype=dtype, device=device).view(stop - start, samples, d)
 
 
-def sequences_that_fit(lm, budget: int, rows: int) -> int:
-    """How many copies of one forward's activations over ``rows`` rows fit in ``budget`` bytes (>= 1).
+def vectors_that_fit(lm, budget: int, rows: int, limit: int, what: str) -> int:
+    """How many vectors one batched (double) backward over ``rows`` rows may carry: ``1 .. limit``.
 
-    The unit the estimators size their batched backwards in: a graph with ``create_graph`` costs
-    a few of these, each vector in a batched (double) backward about two more.
+    Sized like the exact path (``heta_fast.memory.sequence_bytes``): the graph costs about 2 sets
+    of a forward's activations and every vector in the batched backward about 2 more. Warns
+    once when even one vector is estimated above the budget (it then runs anyway).
     """
-    return batch_size(lm, budget, rows, rows, copies=1, limit=1 << 30)
+    from heta_fast.memory import sequence_bytes, warn_if_over
+
+    warn_if_over(budget, sequence_bytes(lm, rows, rows, 4), what)
+    chunk = 1
+    while chunk < limit and sequence_bytes(lm, rows, rows, 2 + 2 * (chunk + 1)) <= budget:
+        chunk += 1
+    return chunk
 
 
 def target_log_prob(lm, X: torch.Tensor, y: int) -> torch.Tensor:
