@@ -45,7 +45,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_smollm import DATA, _load, commit, growth_exponent, machine, prompt_ids, prompt_text
+from benchmarks.bench_smollm import (
+    DATA,
+    _load,
+    commit,
+    fast_hessian_sampled,
+    growth_exponent,
+    machine,
+    prompt_ids,
+    prompt_text,
+)
 from heta_fast import torch_backend
 from heta_fast.config import HETAConfig
 from heta_fast.sensitivity import estimate_sensitivity
@@ -189,11 +198,33 @@ def summarise(rows: list[dict], estimators: Sequence[str]) -> dict:
     return out
 
 
+def sampled_exact_seconds(lm, ids: torch.Tensor, samples: int, seed: int, positions: int = 16) -> dict:
+    """Exact ``S`` seconds at ``m = samples`` estimated by timing ``positions`` positions alone.
+
+    ``bench_smollm.fast_hessian_sampled``: each sampled position runs the fast path's own code
+    alone; ``a + b rows`` is fitted and summed over all ``n`` positions (it ran within a few
+    percent of, and above, the real batched run where both were measured).
+    """
+    import warnings
+
+    E, y, t = lm.embed(ids), int(ids[-1]), ids.numel() - 1
+    with torch.no_grad():
+        key_values = lm.key_values(lm.hidden(E[None, :t], use_cache=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # it runs positions one by one on purpose
+        out = fast_hessian_sampled(lm, E, y, key_values, HETAConfig(samples=samples, seed=seed), positions)
+    return {"estimate": out["estimate"], "samples": samples, "label": out["label"]}
+
+
 def run(examples: int = 20, lengths: Sequence[int] = (64, 128, 256), prompts: int = 3, samples: int = 10,
         random_samples: int = 2, estimators: Sequence[str] = DEFAULT_ESTIMATORS, seed: int = 0,
         budget: int = 4 * GiB, data: Path = DATA, threads: int | None = None, heta=None,
-        log: Log | None = None) -> dict:
-    """Run the fidelity comparison and return everything as a dict (see ``format_table``)."""
+        log: Log | None = None, full_m: int | None = 10) -> dict:
+    """Run the fidelity comparison and return everything as a dict (see ``format_table``).
+
+    full_m: also estimate exact ``S`` seconds at ``m = full_m`` on the first random prompt of each
+    length (by sampling positions), as the spec-default baseline for the speedups (None: skip).
+    """
     if threads:
         torch.set_num_threads(threads)
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -230,6 +261,11 @@ def run(examples: int = 20, lengths: Sequence[int] = (64, 128, 256), prompts: in
                 + ", ".join(f"{spec} {c['seconds']:.1f} s rho {c['spearman']:.3f} top5 {c['top5']:.1f}"
                             for spec, c in row["estimators"].items()) + f"; load {row['load_average'][1]}")
         out["sets"][name] = {"samples": m, "rows": rows, "summary": summarise(rows, estimators)}
+        if full_m and name.startswith("random") and full_m != m:
+            sampled = sampled_exact_seconds(lm, inputs[0][1], full_m, seed)
+            sampled["input"] = inputs[0][0]
+            out["sets"][name]["exact_full_m"] = sampled
+            log(f"{name}: exact S at m={full_m} ~{sampled['estimate']:.1f} s ({sampled['label']})")
     randoms = [(n, out["sets"][f"random n={n}"]["summary"]) for n in lengths if f"random n={n}" in out["sets"]]
     out["growth_exponent"] = {
         spec: growth_exponent([n for n, _ in randoms], [s[spec]["seconds_mean"] for _, s in randoms])
@@ -250,6 +286,11 @@ def format_table(out: dict) -> str:
                   "| estimator | Spearman median | Spearman p10 | top-5 | Spearman of S | scale of S | "
                   "S seconds | speedup |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        full = block.get("exact_full_m")
+        if full:
+            lines[-2] += f" speedup vs exact m = {full['samples']} |"
+            lines[-1] += "---:|"
+            first = block["rows"][0]
         for spec, c in s.items():
             if spec == "exact":
                 continue
@@ -257,13 +298,21 @@ def format_table(out: dict) -> str:
             speed = "-" if c["speedup"] is None else f"{c['speedup']:.1f}x"
             rho_s = "-" if math.isnan(c["spearman_S_median"]) else f"{c['spearman_S_median']:.3f}"
             lines.append(f"| {label} | {c['spearman_median']:.3f} | {c['spearman_p10']:.3f} | {c['top5_mean']:.2f} | "
-                         f"{rho_s} | {c['scale_geomean']:.3g} | {c['seconds_mean']:.2f} | {speed} |")
+                         f"{rho_s} | {c['scale_geomean']:.3g} | {c['seconds_mean']:.2f} | {speed} |"
+                         + (_full_speedup(full, first["estimators"][spec]["seconds"]) if full else ""))
+        if full:
+            lines.append(f"\nexact S at m = {full['samples']}: ~{full['estimate']:.0f} s on {full['input']} "
+                         f"({full['label']}); its speedups use the estimators' seconds on that same prompt.")
     growth = out.get("growth_exponent") or {}
     if growth:
         lines += ["", "Growth exponent of S seconds in n (random prompts, mean seconds per length):", "",
                   "| " + " | ".join(growth) + " |", "|" + "---:|" * len(growth),
                   "| " + " | ".join("-" if v is None else f"{v:.2f}" for v in growth.values()) + " |"]
     return "\n".join(lines)
+
+
+def _full_speedup(full: dict, seconds: float) -> str:
+    return f" {full['estimate'] / seconds:.0f}x |" if seconds else " - |"
 
 
 # -- peak memory ---------------------------------------------------------------------------------
@@ -370,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--estimators", nargs="+", default=list(DEFAULT_ESTIMATORS),
                         help="name[:k] with k the rank / top-K / layers (e.g. low_rank:64)")
     parser.add_argument("--budget", type=float, default=4.0, help="memory_budget in GiB")
+    parser.add_argument("--full-samples", type=int, default=10,
+                        help="also estimate exact S seconds at this m on one random prompt per length (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--data", type=Path, default=DATA)
@@ -387,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         path = args.out or DEFAULT_OUT.with_name(f"memory_{args.memory}.json")
     else:
         out = run(args.examples, args.lengths, args.prompts, args.samples, args.random_samples, args.estimators,
-                  args.seed, budget, args.data)
+                  args.seed, budget, args.data, full_m=args.full_samples or None)
         print(format_table(out))
         path = args.out or DEFAULT_OUT
     path.parent.mkdir(parents=True, exist_ok=True)
