@@ -7,8 +7,9 @@
 Each matches its torch reference (``heta_fast.kl.linear_kl``, ``heta_fast.hessian.block_l1_mean``,
 ``heta_fast.probes.rademacher``). Importing this package never needs triton: the kernel modules
 load on the first call, which raises ``RuntimeError`` when ``triton_status()`` says the backend
-cannot run. Triton decides at load time whether kernels are compiled or interpreted
-(``TRITON_INTERPRET=1``, CPU tensors), so set that variable before the first call.
+cannot run. Triton decides on its first import whether kernels are compiled or interpreted
+(``TRITON_INTERPRET=1``, CPU tensors), and transformers imports it with its model classes: set
+that variable before importing torch or transformers.
 """
 
 from __future__ import annotations
@@ -34,13 +35,35 @@ def triton_status() -> tuple[bool, str]:
     if _loaded_interpret is not None and _loaded_interpret != interpret:
         was = "set" if _loaded_interpret else "not set"
         return False, f"the kernels were loaded with TRITON_INTERPRET {was}; it changed since, restart the process"
+    if not interpret:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "no CUDA device and TRITON_INTERPRET is not set"
+    language = _language_interpreted()
+    if language is not None and language != interpret:
+        was, now = ("set", "unset") if language else ("unset", "set")
+        return False, (f"triton was imported while TRITON_INTERPRET was {was} and it is {now} now (torch and "
+                       "transformers import triton with their model code); set it before importing them")
     if interpret:
         return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1), kernels run on CPU tensors"
     import torch
 
-    if not torch.cuda.is_available():
-        return False, "no CUDA device and TRITON_INTERPRET is not set"
     return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+
+
+def _language_interpreted() -> bool | None:
+    """Whether ``triton.language`` was built for the interpreter; None when this triton cannot tell.
+
+    Triton picks compiled or interpreted builtins once, on its first import: kernels defined
+    in the other mode fail on their first builtin call.
+    """
+    try:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:  # older or partial triton: no way to check, trust the variable
+        return None
+    return isinstance(tl.zeros, InterpretedFunction)
 
 
 def _load(module: str):

@@ -6,6 +6,12 @@ import os
 
 import pytest
 import torch
+
+# Triton's interpreter mode is fixed when triton is first imported, and transformers imports it with
+# its model classes: without a GPU, choose the interpreter now so the kernel tests can run on CPU.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 VOCAB = 97

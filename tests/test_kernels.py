@@ -98,6 +98,28 @@ def test_no_cuda_and_no_interpreter_is_reported(monkeypatch, fresh_package):
     assert not ok and why == "no CUDA device and TRITON_INTERPRET is not set"
 
 
+def test_interpreter_switched_on_after_triton_was_imported_is_reported():
+    """Triton fixes compiled-or-interpreted builtins on import; a late TRITON_INTERPRET=1 is named, not crashed on."""
+    script = textwrap.dedent("""
+        import os
+        os.environ.pop("TRITON_INTERPRET", None)
+        import triton.language  # what transformers' model classes do on import
+        os.environ["TRITON_INTERPRET"] = "1"
+        import torch
+        import heta_fast.kernels as K
+        ok, why = K.triton_status()
+        print(ok, why)
+        try:
+            K.fused_linear_kl(torch.zeros(2, 4), torch.zeros(3, 4), None, torch.zeros(3))
+        except RuntimeError as error:
+            print("raised", error)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("False triton was imported while TRITON_INTERPRET was unset"), run.stdout
+    assert "raised heta_fast.kernels: the Triton backend cannot run here" in run.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # fused linear KL
 

@@ -49,7 +49,10 @@ def assert_rows_match(multi: MultiAttribution, singles: list[Attribution], tol: 
         for name in ("scores", "M", "S", "I"):
             got, want = getattr(row, name), getattr(single, name)
             assert got.shape == want.shape, name
-            assert rel_err(got, want) < tol, (single.target_pos, name, rel_err(got, want))
+            # 1e-12 absolute floor: a KL that is exactly 0 on one path (the mean mask of a one-token
+            # context replaces the token by itself) is rounding noise of ~1e-14 on the other.
+            err = float((got.double() - want.double()).abs().max())
+            assert err <= tol * float(want.abs().max()) + 1e-12, (single.target_pos, name, rel_err(got, want))
 
 
 @pytest.mark.parametrize("mask", ["zero", "mean", "unk"])
