@@ -27,37 +27,62 @@ def flow_layers(lm: CausalLM, layer_subset: int | None) -> range:
     return range(first, lm.num_layers)
 
 
-def prediction_rows(A: torch.Tensor, rows: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
-    """``Phi`` from the selected layers' attention ``A``: ``[Ls, H, P, P]``.
+def prediction_rows(A: Sequence[torch.Tensor] | torch.Tensor,
+                    rows: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+    """``Phi`` from the selected layers' attention ``A``: ``Ls`` tensors ``[H, P, P]`` (or one ``[Ls, H, P, P]``).
 
     rows None: the last row ``p = P - 1`` only, returned as ``[Ls, H, P]``. rows: ``K`` row
     indices (prediction rows of several targets), returned as ``[Ls, H, K, P]``.
     ``Phi[l, :, k] = e_{rows[k]}^T A_hat[l] A_hat[l-1] ... A_hat[0]`` with ``A_hat = rownorm(A / 2 + I / 2)``.
     All rows travel down the layers together, so ``K`` rows cost one batched matmul per layer.
+
+    ``A_hat`` is never built: with ``c = rowsum(A) / 2 + 1 / 2``, ``x A_hat = (x / c) A / 2 + (x / c) / 2``,
+    so each layer's attention is read twice (row sums, matmul) and no ``[H, P, P]`` copy is made.
+    At long inputs the attention of all layers is most of the memory; this keeps it the only copy.
     """
     single = rows is None
-    size = A.shape[-1]
-    index = torch.as_tensor([size - 1] if single else rows, dtype=torch.long, device=A.device)
-    eye = torch.eye(size, dtype=A.dtype, device=A.device)
-    A_hat = 0.5 * A + 0.5 * eye
-    A_hat = A_hat / A_hat.sum(dim=-1, keepdim=True)
-    carried = A_hat[-1][:, index, :]  # [H, K, P]: the top layer's own rows
-    for layer in range(A.shape[0] - 2, -1, -1):
-        carried = torch.cat([carried @ A_hat[layer], A_hat[layer][:, index, :]], dim=1)
-    # carried[:, r * K + k] is row k started at layer Ls - 1 - r; put layer order back
-    heads, k = carried.shape[0], index.numel()
-    phi = carried.view(heads, A.shape[0], k, size).flip(1).transpose(0, 1)  # [Ls, H, K, P]
+    n_layers = len(A)
+    size = A[0].shape[-1]
+    index = torch.as_tensor([size - 1] if single else rows, dtype=torch.long, device=A[0].device)
+    k = index.numel()
+    heads = A[0].shape[0]
+    carried = None  # [H, r * K, P]: rows started at layers above, carried down to the current one
+    for layer in range(n_layers - 1, -1, -1):
+        a = A[layer].float()
+        c = 0.5 * a.sum(dim=-1) + 0.5  # [H, P]: row sums of A / 2 + I / 2
+        own = 0.5 * a[:, index, :]  # [H, K, P]: this layer's own rows of A_hat
+        own[:, torch.arange(k), index] += 0.5
+        own /= c[:, index, None]
+        if carried is None:
+            carried = own
+        else:
+            x = carried / c[:, None, :]
+            carried = torch.cat([torch.baddbmm(x, x, a, beta=0.5, alpha=0.5), own], dim=1)
+        # carried[:, r * K + k] is row k started r layers above `layer`; all of them end here at the bottom
+    phi = carried.view(heads, n_layers, k, size).flip(1).transpose(0, 1)  # [Ls, H, K, P]
     return phi[:, :, 0] if single else phi
 
 
 def value_norms(lm: CausalLM, values: torch.Tensor, layer: int) -> torch.Tensor:
     """``nu[h, j] = ||v_j^{(h)} W_O^{(h)}||_1``: values ``[P, H_kv, d_h]`` -> ``[H, P]``.
 
-    With grouped-query attention head ``h`` reads key/value head ``h // (H / H_kv)``.
+    With grouped-query attention head ``h`` reads key/value head ``h // (H / H_kv)``: the heads of a
+    group share their values, so each key/value head makes one matmul with its group's
+    ``[d_h, group * d]`` slices side by side (no repeated values, wider matmuls).
     """
-    group = lm.num_heads // lm.num_kv_heads
-    v = values.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, P, d_h]
-    return torch.bmm(v, lm.layers[layer].out_heads.to(v.dtype)).abs().sum(dim=-1)
+    kv_heads, head_dim = values.shape[1], values.shape[2]
+    group = lm.num_heads // kv_heads
+    w = lm.layers[layer].out_heads.to(values.dtype)  # [H, d_h, d]
+    d = w.shape[-1]
+    w = w.view(kv_heads, group, head_dim, d).transpose(1, 2).reshape(kv_heads, head_dim, group * d)
+    v = values.transpose(0, 1)  # [H_kv, P, d_h]
+    nu = values.new_empty(kv_heads, v.shape[1], group)
+    # The products (d_h = 64 deep, group * d wide) are cheap to make and costly to store: tiles of
+    # 64 tokens keep each block in cache between the matmul and its |.| sum.
+    for start in range(0, v.shape[1], 64):
+        block = torch.bmm(v[:, start:start + 64], w).abs_()  # [H_kv, tile, group * d]
+        torch.sum(block.view(kv_heads, -1, group, d), dim=-1, out=nu[:, start:start + 64])
+    return nu.permute(0, 2, 1).reshape(lm.num_heads, -1)
 
 
 def semantic_flow(lm: CausalLM, attentions: tuple[torch.Tensor, ...], values: list[torch.Tensor],
@@ -67,8 +92,7 @@ def semantic_flow(lm: CausalLM, attentions: tuple[torch.Tensor, ...], values: li
     attentions: per layer ``[1, H, n, n]``; values: per layer ``[1, n, H_kv, d_h]``.
     """
     layers = flow_layers(lm, layer_subset)
-    A = torch.stack([attentions[layer][0] for layer in layers]).float()
-    phi = prediction_rows(A)  # [Ls, H, n]
+    phi = prediction_rows([attentions[layer][0] for layer in layers])  # [Ls, H, n]
     nu = torch.stack([value_norms(lm, values[layer][0].float(), layer) for layer in layers])
     return normalise_flow((phi * nu).sum(dim=(0, 1)))
 
@@ -83,8 +107,7 @@ def semantic_flows(lm: CausalLM, attentions: tuple[torch.Tensor, ...], values: l
     rows, so the longest forward serves every target; value norms are computed once.
     """
     layers = flow_layers(lm, layer_subset)
-    A = torch.stack([attentions[layer][0] for layer in layers]).float()
-    phi = prediction_rows(A, rows)  # [Ls, H, K, P]
+    phi = prediction_rows([attentions[layer][0] for layer in layers], rows)  # [Ls, H, K, P]
     nu = torch.stack([value_norms(lm, values[layer][0].float(), layer) for layer in layers])  # [Ls, H, P]
     m = (phi * nu[:, :, None]).sum(dim=(0, 1))  # [K, P]
     return [normalise_flow(m[k, :row + 1]) for k, row in enumerate(rows)]
