@@ -354,8 +354,11 @@ def peak_of(fn) -> dict:
 
 
 def memory_run(n: int = 1024, estimator: str = "gauss_newton", budget: int = 4 * GiB, samples: int = 10,
-               seed: int = 0, data: Path = DATA, heta=None, log: Log | None = None) -> dict:
-    """Peak RSS of one ``n``-token attribution (and of its stages alone) under ``memory_budget = budget``."""
+               seed: int = 0, data: Path = DATA, heta=None, log: Log | None = None, kl_stage: bool = False) -> dict:
+    """Peak RSS of one ``n``-token attribution (and of its stages alone) under ``memory_budget = budget``.
+
+    Stages alone: the shared forward with the semantic flow, ``S``, and (``kl_stage``) ``I``.
+    """
     from heta_fast import kl
     from heta_fast.semantic_flow import semantic_flow
 
@@ -385,8 +388,9 @@ def memory_run(n: int = 1024, estimator: str = "gauss_newton", budget: int = 4 *
     stages["forward_and_flow"] = peak_of(forward)
     log(f"n={n}: S ({estimator}) ...")
     stages["hessian"] = peak_of(lambda: estimate_sensitivity(lm, E, y, shared["kv"], config, budget))
-    log(f"n={n}: KL ...")
-    stages["kl"] = peak_of(lambda: kl.kl_information(lm, E, shared["log_P"], shared["kv"], config, budget))
+    if kl_stage:  # as long as the whole call at 1,024 tokens (~15 min here), and inside it anyway
+        log(f"n={n}: KL ...")
+        stages["kl"] = peak_of(lambda: kl.kl_information(lm, E, shared["log_P"], shared["kv"], config, budget))
     shared.clear()
     log(f"n={n}: whole attribution ...")
     whole = peak_of(lambda: heta.attribute(ids, config=config))
@@ -427,13 +431,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--memory", type=int, default=None, metavar="N",
                         help="instead: peak memory of one N-token attribution")
     parser.add_argument("--memory-estimator", default="gauss_newton", help="estimator for --memory")
+    parser.add_argument("--memory-kl-stage", action="store_true", help="with --memory: also time I alone")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args(argv)
     budget = int(args.budget * GiB)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory:
-        out = memory_run(args.memory, args.memory_estimator, budget, args.samples, args.seed, args.data)
+        out = memory_run(args.memory, args.memory_estimator, budget, args.samples, args.seed, args.data,
+                         kl_stage=args.memory_kl_stage)
         print(format_memory(out))
         path = args.out or DEFAULT_OUT.with_name(f"memory_{args.memory}.json")
     else:
