@@ -49,3 +49,21 @@ def test_linear_kl_chunks_keep_memory_bounded():
     assert whole > 16 * 50_000 * 8  # the float64 logits are there at once
     assert chunked < whole / 3
     assert torch.allclose(linear_kl(hidden, weight, None, log_p), linear_kl(hidden, weight, None, log_p, 1024))
+
+
+def test_semantic_flow_makes_no_copy_of_the_attention():
+    """At long inputs the attention of all layers is most of the memory: the flow reads it in place."""
+    from heta_fast.model import CausalLM
+    from heta_fast.semantic_flow import semantic_flow
+
+    lm = CausalLM(tiny_llama(1, layers=4))
+    n = 192
+    E = lm.embed(random_ids(7, n))
+    with torch.no_grad(), lm.capture_values("attention") as values:
+        out = lm.hidden(E[None], output_attentions=True)
+        values = list(values)
+    one_layer = lm.num_heads * n * n * 4
+    with torch.no_grad():
+        peak = peak_bytes(lambda: semantic_flow(lm, out.attentions, values, None))
+    # one layer's worth of temporaries at most; a stacked or normalised copy would be 4 layers' worth
+    assert peak < 1.5 * one_layer, (peak, one_layer)
