@@ -76,13 +76,11 @@ def value_norms(lm: CausalLM, values: torch.Tensor, layer: int) -> torch.Tensor:
     d = w.shape[-1]
     w = w.view(kv_heads, group, head_dim, d).transpose(1, 2).reshape(kv_heads, head_dim, group * d)
     v = values.transpose(0, 1)  # [H_kv, P, d_h]
-    nu = values.new_empty(kv_heads, v.shape[1], group)
     # The products (d_h = 64 deep, group * d wide) are cheap to make and costly to store: tiles of
     # 64 tokens keep each block in cache between the matmul and its |.| sum.
-    for start in range(0, v.shape[1], 64):
-        block = torch.bmm(v[:, start:start + 64], w).abs_()  # [H_kv, tile, group * d]
-        torch.sum(block.view(kv_heads, -1, group, d), dim=-1, out=nu[:, start:start + 64])
-    return nu.permute(0, 2, 1).reshape(lm.num_heads, -1)
+    tiles = [torch.bmm(v[:, start:start + 64], w).abs().view(kv_heads, -1, group, d).sum(dim=-1)
+             for start in range(0, v.shape[1], 64)]  # [H_kv, tile, group] each
+    return torch.cat(tiles, dim=1).permute(0, 2, 1).reshape(lm.num_heads, -1)
 
 
 def semantic_flow(lm: CausalLM, attentions: tuple[torch.Tensor, ...], values: list[torch.Tensor],
