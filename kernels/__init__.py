@@ -35,11 +35,10 @@ def triton_status() -> tuple[bool, str]:
     if _loaded_interpret is not None and _loaded_interpret != interpret:
         was = "set" if _loaded_interpret else "not set"
         return False, f"the kernels were loaded with TRITON_INTERPRET {was}; it changed since, restart the process"
-    if not interpret:
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            return False, "no CUDA device and TRITON_INTERPRET is not set"
+    if not interpret and not torch.cuda.is_available():
+        return False, "no CUDA device and TRITON_INTERPRET is not set"
     language = _language_interpreted()
     if language is not None and language != interpret:
         was, now = ("set", "unset") if language else ("unset", "set")
@@ -47,8 +46,6 @@ def triton_status() -> tuple[bool, str]:
                        "transformers import triton with their model code); set it before importing them")
     if interpret:
         return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1), kernels run on CPU tensors"
-    import torch
-
     return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
 
 
