@@ -8,7 +8,8 @@ GPT-2 family (fused ``c_attn``/``c_proj`` Conv1D weights) and the Llama family n
 says exactly what is missing for any other architecture.
 
 The model is switched to eager attention: attention probabilities are only returned by the
-eager kernel, and PyTorch's CPU ``sdpa`` has no double backward, which the HVPs need.
+eager kernel, and PyTorch's CPU ``sdpa`` has no double backward, which the HVPs need. Grouped-
+query families get ``heta_fast.attention``'s eager kernel without key/value copies instead.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from heta_fast.attention import install as install_attention
+from heta_fast.attention import stock_attention
 
 
 @dataclass
@@ -72,10 +76,7 @@ class CausalLM:
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
         model.eval()
         model.requires_grad_(False)
-        if hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation("eager")
-        else:  # older transformers
-            model.config._attn_implementation = "eager"
+        self.attention_implementation = install_attention(model)
         self._check_logits_path()
 
     # -- the pieces every backend uses ---------------------------------------------------------
@@ -94,8 +95,12 @@ class CausalLM:
             return self.embedding(ids.to(self.device)[None])[0]
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """All logits as the model returns them: ``[B, T, d]`` -> ``[B, T, V]`` (reference path)."""
-        return self.model(inputs_embeds=embeddings, use_cache=False).logits
+        """All logits as the model returns them: ``[B, T, d]`` -> ``[B, T, V]`` (reference path).
+
+        Runs the model's stock eager attention kernel, as the released code does.
+        """
+        with stock_attention():
+            return self.model(inputs_embeds=embeddings, use_cache=False).logits
 
     def hidden(self, embeddings: torch.Tensor, past=None, output_attentions: bool = False, use_cache: bool = False):
         """The backbone's output (final norm applied): ``[B, T, d]`` in, ``BaseModelOutputWithPast`` out.

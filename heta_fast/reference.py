@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from heta_fast.attention import stock_attention
 from heta_fast.components import Components, Progress, normalise_flow, timed
 from heta_fast.config import HETAConfig
 from heta_fast.kl import kl_from_log_probs, mask_rows
@@ -24,7 +25,7 @@ def semantic_flow(lm: CausalLM, E: torch.Tensor, config: HETAConfig) -> torch.Te
     """``M``: ``[n]``, the attention-value rollout at the prediction row, on the simplex."""
     T = E.shape[0]
     t, p = T - 1, T - 2
-    with torch.no_grad(), lm.capture_values(config.value_source) as values:
+    with torch.no_grad(), lm.capture_values(config.value_source) as values, stock_attention():
         attentions = lm.model(inputs_embeds=E[None], output_attentions=True, use_cache=False).attentions
     first = 0 if config.layer_subset is None else max(0, lm.num_layers - config.layer_subset)
     group = lm.num_heads // lm.num_kv_heads
