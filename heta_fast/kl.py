@@ -81,6 +81,20 @@ def masked_batch(E: torch.Tensor, start: int, stop: int, replacement: torch.Tens
     return batch.index_put((j, j), replacement)
 
 
+# A batch of variants [a, b) runs rows a .. p for every variant, so variant i also recomputes
+# rows a .. i - 1, which masking i does not change: (c - 1) / 2 wasted rows per variant of a
+# batch of c. Batches hold about BATCH_ROWS rows, enough for the matmuls to run near peak, and at
+# most a quarter of the context. On SmolLM2 this beat a quarter of the context per batch (23%
+# waste at n = 128) by 13% at n = 128 and 256 and by 9% at 64; capping the waste at 5% as well
+# made batches too small at n = 64 (15% slower there).
+BATCH_ROWS = 1024
+
+
+def variants_per_batch(rows: int, context: int) -> int:
+    """Masked variants per batch when each runs ``rows`` of ``context`` rows (before the budget's cap)."""
+    return max(1, min(-(-context // 4), -(-BATCH_ROWS // rows)))
+
+
 def kl_information(lm, E: torch.Tensor, log_P: torch.Tensor, key_values, config, budget: int,
                    linear_kl_fn=linear_kl, progress=None) -> torch.Tensor:
     """``I``: ``[n]``. E: ``[t + 1, d]``; log_P: ``[V]`` at row ``p``; key_values: the prefix cache.
@@ -98,8 +112,7 @@ def kl_information(lm, E: torch.Tensor, log_P: torch.Tensor, key_values, config,
     a = 0
     with torch.no_grad():
         while a < t:
-            # a quarter of the context per batch keeps the triangle's waste (rows before i) small
-            c = batch_size(lm, budget, t - a, t, copies=1, limit=max(1, -(-t // 4)))
+            c = batch_size(lm, budget, t - a, t, copies=1, limit=variants_per_batch(t - a, t))
             b = min(t, a + c)
             positions = torch.arange(a, b, device=E.device)
             batch = masked_batch(E, a, b, mask_rows(config.mask, E, positions, config.seed))

@@ -29,14 +29,13 @@ from collections.abc import Sequence
 import torch
 
 from heta_fast import hessian, kl
+from heta_fast.allocator import retained_heap
 from heta_fast.components import Components, Progress, timed
 from heta_fast.config import HETAConfig
 from heta_fast.memory import batch_size, default_budget
 from heta_fast.model import CausalLM
 from heta_fast.semantic_flow import semantic_flows
 from heta_fast.torch_backend import TORCH_OPS, Ops, estimate_sensitivity
-
-BATCHES = 4  # masked positions in about this many batches, as kl.kl_information: bounds the triangle's waste
 
 
 def ops_for(backend_name: str) -> Ops:
@@ -148,7 +147,7 @@ def shared_kl(lm: CausalLM, E: torch.Tensor, log_P: torch.Tensor, reference: tor
     a = 0
     with torch.no_grad():
         while a < T:
-            c = batch_size(lm, budget, T - a, T, copies=1, limit=max(1, -(-T // BATCHES)))
+            c = batch_size(lm, budget, T - a, T, copies=1, limit=kl.variants_per_batch(T - a, T))
             b = min(T, a + c)
             positions = torch.arange(a, b, device=E.device)
             batch = kl.masked_batch(E, a, b, kl.mask_rows(config.mask, E, positions, config.seed))
@@ -183,6 +182,12 @@ def components_many(lm: CausalLM, ids: torch.Tensor, targets: Sequence[int], con
     order given; their ``timings`` hold that target's own work) and the timings of the whole call.
     sensitivity False skips ``S`` (zeros) - for timing the shared parts alone.
     """
+    with retained_heap(config.retain_heap and lm.device.type == "cpu"):
+        return _components_many(lm, ids, targets, config, progress, ops, sensitivity)
+
+
+def _components_many(lm: CausalLM, ids: torch.Tensor, targets: Sequence[int], config: HETAConfig,
+                     progress: Progress | None, ops: Ops, sensitivity: bool) -> tuple[list[Components], dict]:
     targets = list(targets)
     T = max(targets)
     E = lm.embed(ids[:T + 1])  # [T + 1, d]

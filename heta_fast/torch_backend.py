@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from heta_fast import hessian, kl
+from heta_fast.allocator import retained_heap
 from heta_fast.components import Components, Progress, timed
 from heta_fast.config import HETAConfig
 from heta_fast.memory import default_budget
@@ -48,6 +49,12 @@ TORCH_OPS = Ops()
 def components(lm: CausalLM, ids: torch.Tensor, config: HETAConfig, progress: Progress | None = None,
                ops: Ops = TORCH_OPS) -> Components:
     """``M, S, I`` for ids ``[t + 1]`` (context then target token)."""
+    with retained_heap(config.retain_heap and lm.device.type == "cpu"):
+        return _components(lm, ids, config, progress, ops)
+
+
+def _components(lm: CausalLM, ids: torch.Tensor, config: HETAConfig, progress: Progress | None,
+                ops: Ops) -> Components:
     E = lm.embed(ids)  # [t + 1, d]
     y = int(ids[-1])
     t = E.shape[0] - 1

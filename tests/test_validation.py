@@ -66,6 +66,7 @@ IDS = [3, 1, 4, 1, 5, 9]
     (lambda h: h.attribute(IDS, hessian="diagonal"), ValueError, "unknown hessian estimator 'diagonal'"),
     (lambda h: h.attribute(IDS, hessian="low_rank", backend="reference"), ValueError, "exact Hessian only"),
     (lambda h: h.attribute(IDS, memory_budget=0), ValueError, "memory_budget must be a positive byte count"),
+    (lambda h: h.attribute(IDS, retain_heap="yes"), TypeError, "retain_heap must be a bool"),
 ])
 def test_bad_input_is_named_before_model_work(guarded, call, error, message):
     with pytest.raises(error) as info:
