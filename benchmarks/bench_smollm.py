@@ -44,6 +44,7 @@ from unittest import mock
 import torch
 
 from heta_fast import hessian, kl, reference
+from heta_fast.allocator import retained_heap
 from heta_fast.backends import resolve
 from heta_fast.config import HETAConfig
 from heta_fast.flops import ModelSizes, component_flops
@@ -210,7 +211,8 @@ def fast_position(lm, E: torch.Tensor, y: int, key_values, config: HETAConfig, i
         return out
 
     start = time.perf_counter()
-    with contextlib.suppress(_Stop):
+    # as the backend's own run: heap settings of ``torch_backend.components`` (HETAConfig.retain_heap)
+    with contextlib.suppress(_Stop), retained_heap(config.retain_heap and lm.device.type == "cpu"):
         hessian.hessian_sensitivity(_Shifted(lm, i), E[i:], y, key_values, config.replace(memory_budget=1), 1,
                                     shifted_probes, reduce, stop)
     return time.perf_counter() - start, result["S"]
