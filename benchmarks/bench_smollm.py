@@ -43,11 +43,12 @@ from unittest import mock
 
 import torch
 
-from heta_fast import hessian, kl, reference
+from heta_fast import hessian, kl, memory, reference
 from heta_fast.allocator import retained_heap
 from heta_fast.backends import resolve
 from heta_fast.config import HETAConfig
 from heta_fast.flops import ModelSizes, component_flops
+from heta_fast.memory import default_budget
 from heta_fast.probes import rademacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,10 +211,13 @@ def fast_position(lm, E: torch.Tensor, y: int, key_values, config: HETAConfig, i
         result["S"] = out[0].detach().clone()
         return out
 
+    # as the backend's own run (heap settings of ``torch_backend.components``, all m probes in one
+    # batched backward when the default budget allows it), but one position per batch
+    budget = config.memory_budget or default_budget(lm.device)
     start = time.perf_counter()
-    # as the backend's own run: heap settings of ``torch_backend.components`` (HETAConfig.retain_heap)
-    with contextlib.suppress(_Stop), retained_heap(config.retain_heap and lm.device.type == "cpu"):
-        hessian.hessian_sensitivity(_Shifted(lm, i), E[i:], y, key_values, config.replace(memory_budget=1), 1,
+    with (contextlib.suppress(_Stop), retained_heap(config.retain_heap and lm.device.type == "cpu"),
+          mock.patch.object(memory, "batch_size", lambda *_args, **_kwargs: 1)):
+        hessian.hessian_sensitivity(_Shifted(lm, i), E[i:], y, key_values, config, budget,
                                     shifted_probes, reduce, stop)
     return time.perf_counter() - start, result["S"]
 
