@@ -85,7 +85,7 @@ def masked_batch(E: torch.Tensor, start: int, stop: int, replacement: torch.Tens
 # rows a .. i - 1, which masking i does not change: (c - 1) / 2 wasted rows per variant of a
 # batch of c. Batches hold about BATCH_ROWS rows, enough for the matmuls to run near peak, and at
 # most a quarter of the context. On SmolLM2 this beat a quarter of the context per batch (23%
-# waste at n = 128) by 13% at n = 128 and 256 and by 9% at 64; capping the waste at 5% as well
+# waste at n = 128) by 13% at n = 128, 12% at 256 and 9% at 64; capping the waste at 5% as well
 # made batches too small at n = 64 (15% slower there).
 BATCH_ROWS = 1024
 
