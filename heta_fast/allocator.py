@@ -8,8 +8,10 @@ of four positions and ~35% of the fast Hessian's time. Raising both thresholds w
 runs makes the heap reuse its memory (0 faults after the first batch).
 
 The settings are process-wide, so ``retained_heap`` restores fixed thresholds equal to the
-ceiling of glibc's dynamic ones on exit and hands the retained memory back (``malloc_trim``).
-Peak memory is unchanged (the budget bounds it); only the release is deferred to the end.
+ceiling of glibc's dynamic ones on exit and hands the retained memory back (``malloc_trim``;
+glibc cannot return a heap top that no longer ends at the program break, which then stays
+resident for the process's next allocations). Peak memory is unchanged (the budget bounds it);
+only the release is deferred to the end.
 """
 
 from __future__ import annotations

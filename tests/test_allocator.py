@@ -26,6 +26,15 @@ def faults_per_allocation(repeats: int = 5, mib: int = 96) -> float:
     return statistics.median(counts)
 
 
+def assert_restored() -> None:
+    """glibc's thresholds are back: a block larger than any the block freed is mmap'd afresh each time.
+
+    (A block the size of those freed inside may still be served from memory glibc could not hand
+    back, e.g. a heap top away from the program break, so the check uses a larger one.)
+    """
+    assert faults_per_allocation(mib=384) > (384 << 20) // resource.getpagesize() / 2
+
+
 @glibc
 def test_freed_memory_is_reused_inside_and_released_after():
     pages = (96 << 20) // resource.getpagesize()
@@ -33,7 +42,7 @@ def test_freed_memory_is_reused_inside_and_released_after():
     with retained_heap() as applied:
         assert applied
         assert faults_per_allocation() < pages / 100
-    assert faults_per_allocation() > pages / 2
+    assert_restored()
 
 
 @glibc
@@ -43,7 +52,7 @@ def test_nested_blocks_restore_once_at_the_outermost_exit():
         with retained_heap():
             pass
         assert faults_per_allocation() < pages / 100
-    assert faults_per_allocation() > pages / 2
+    assert_restored()
 
 
 def test_disabled_is_a_no_op():
