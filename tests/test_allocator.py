@@ -27,7 +27,7 @@ def faults_per_allocation(repeats: int = 5, mib: int = 96) -> float:
 
 
 def assert_restored() -> None:
-    """glibc's thresholds are back: a block larger than any the block freed is mmap'd afresh each time.
+    """Freed memory is given back again: a block larger than any freed inside faults in afresh each time.
 
     (A block the size of those freed inside may still be served from memory glibc could not hand
     back, e.g. a heap top away from the program break, so the check uses a larger one.)

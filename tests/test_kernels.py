@@ -322,7 +322,11 @@ def test_probe_helpers_usable_in_other_kernels():
     y = poisoned(b)
     _probe_dot_kernel[(b,)](x.to(DEVICE), positions.to(DEVICE), samples.to(DEVICE), y, seed, d, BLOCK=64)
     expected = (rademacher(seed, positions, samples, d) * x).sum(dim=1)
-    assert_rel(y, expected, 1e-5, "in-kernel probe dot")
+    # a sum of d signed terms: fp32 summation error scales with sum |x|, not with the (cancelled) result
+    err = (y.double().cpu() - expected.double()).abs()
+    scale = x.double().abs().sum(dim=1)
+    assert bool((err <= 1e-5 * scale).all()), \
+        f"in-kernel probe dot: error {(err / scale).max().item():.3g} of sum |x| (HETA_KERNEL_TEST_SEED={SEED})"
 
 
 # ---------------------------------------------------------------------------------------------
