@@ -215,7 +215,7 @@ def fast_position(lm, E: torch.Tensor, y: int, key_values, config: HETAConfig, i
     # batched backward when the default budget allows it), but one position per batch
     budget = config.memory_budget or default_budget(lm.device)
     start = time.perf_counter()
-    with (contextlib.suppress(_Stop), retained_heap(config.retain_heap and lm.device.type == "cpu"),
+    with (contextlib.suppress(_Stop), retained_heap(config.retain_heap, lm.device),
           mock.patch.object(memory, "batch_size", lambda *_args, **_kwargs: 1)):
         hessian.hessian_sensitivity(_Shifted(lm, i), E[i:], y, key_values, config, budget,
                                     shifted_probes, reduce, stop)

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import platform
 import threading
 from collections.abc import Iterator
+
+import torch
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -30,6 +33,7 @@ _lock = threading.Lock()
 _depth = 0
 
 
+@functools.cache  # libc_ver() reads the interpreter's binary: once per process
 def _glibc():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
@@ -41,14 +45,17 @@ def _glibc():
 
 
 @contextlib.contextmanager
-def retained_heap(enabled: bool = True) -> Iterator[bool]:
+def retained_heap(enabled: bool = True, device: torch.device | None = None) -> Iterator[bool]:
     """Within the block glibc keeps freed memory for reuse; yields whether the setting applies.
 
+    device: where the work's tensors live (None: the CPU); the host heap only matters for CPU work.
     Nested and concurrent uses are counted: the thresholds are restored when the last one exits.
-    A no-op (yields False) where ``enabled`` is False or the C library is not glibc.
+    A no-op (yields False) where ``enabled`` is False, the device is not the CPU or the C library
+    is not glibc.
     """
     global _depth
-    libc = _glibc() if enabled else None
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    libc = _glibc() if enabled and on_cpu else None
     if libc is None:
         yield False
         return

@@ -182,7 +182,7 @@ def components_many(lm: CausalLM, ids: torch.Tensor, targets: Sequence[int], con
     order given; their ``timings`` hold that target's own work) and the timings of the whole call.
     sensitivity False skips ``S`` (zeros) - for timing the shared parts alone.
     """
-    with retained_heap(config.retain_heap and lm.device.type == "cpu"):
+    with retained_heap(config.retain_heap, lm.device):
         return _components_many(lm, ids, targets, config, progress, ops, sensitivity)
 
 

@@ -58,3 +58,5 @@ def test_nested_blocks_restore_once_at_the_outermost_exit():
 def test_disabled_is_a_no_op():
     with retained_heap(enabled=False) as applied:
         assert applied is False
+    with retained_heap(device=torch.device("cuda", 0)) as applied:  # the host heap is not the GPU's
+        assert applied is False
