@@ -69,6 +69,25 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return (cross + p64.sum() * lse).clamp_min(0.0).float()
 
 
+def kl_at_rows(lm, hidden: torch.Tensor, log_p: torch.Tensor, linear_kl_fn=linear_kl,
+               vocab_chunk: int | None = None) -> torch.Tensor:
+    """``KL(P || Q_b)`` with ``Q_b`` the model's next-token distribution at hidden state ``hidden[b]``: ``[B]``.
+
+    hidden: ``[B, d]`` (after the final norm); log_p: ``[V]``. Where the model's logits are linear in
+    the hidden state (``scale * (h W^T + b)``) the scale is folded into ``h`` and ``b`` and
+    ``linear_kl_fn`` (``linear_kl`` or its fused kernel) reduces over vocabulary chunks. Soft-capped
+    logits (Gemma 2/3) are not linear: those rows are unembedded in full, ``[B, V]`` float64.
+    """
+    logit_map = lm.logit_map
+    if not logit_map.linear:
+        return kl_from_log_probs(log_p, torch.log_softmax(lm.unembed(hidden).double(), dim=-1)).float()
+    weight, bias = lm.lm_head.weight, lm.lm_head.bias
+    if logit_map.scale != 1.0:
+        hidden = hidden * logit_map.scale
+        bias = None if bias is None else bias * logit_map.scale
+    return linear_kl_fn(hidden, weight, bias, log_p, vocab_chunk=vocab_chunk)
+
+
 def masked_batch(E: torch.Tensor, start: int, stop: int, replacement: torch.Tensor) -> torch.Tensor:
     """Rows ``start .. p`` of ``E`` once per position ``i`` in ``[start, stop)``, row ``i`` replaced.
 
@@ -106,7 +125,6 @@ def kl_information(lm, E: torch.Tensor, log_P: torch.Tensor, key_values, config,
 
     t = E.shape[0] - 1
     I = torch.zeros(t, dtype=torch.float32, device=E.device)
-    weight, bias = lm.lm_head.weight, lm.lm_head.bias
     vocab_chunk = max(1024, budget // (4 * 8 * 64))  # 64 rows of float64 logits per chunk at most
     warn_if_over(budget, sequence_bytes(lm, t, t, 1), "one masked forward")
     a = 0
@@ -118,7 +136,7 @@ def kl_information(lm, E: torch.Tensor, log_P: torch.Tensor, key_values, config,
             batch = masked_batch(E, a, b, mask_rows(config.mask, E, positions, config.seed))
             past = lm.prefix_cache(key_values, a, b - a)
             hidden = lm.hidden(batch, past=past).last_hidden_state[:, -1]
-            I[a:b] = linear_kl_fn(hidden, weight, bias, log_P, vocab_chunk=vocab_chunk)
+            I[a:b] = kl_at_rows(lm, hidden, log_P, linear_kl_fn, vocab_chunk)
             if progress is not None:
                 progress("kl", b, t)
             a = b

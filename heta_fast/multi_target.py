@@ -141,7 +141,9 @@ def shared_kl(lm: CausalLM, E: torch.Tensor, log_P: torch.Tensor, reference: tor
         raise ValueError("the mean mask depends on the target; it cannot share masked forwards")
     T = E.shape[0] - 1
     I = [torch.zeros(t, dtype=torch.float32, device=E.device) for t in targets]
-    weight, bias = lm.lm_head.weight, lm.lm_head.bias
+    weight = lm.lm_head.weight
+    # one unembedding for all targets needs logits linear in the hidden state (kl.kl_at_rows otherwise)
+    shifted = linear_kl_fn is None and lm.logit_map.linear
     vocab_chunk = max(1024, budget // (4 * 8 * 64))  # as kl.kl_information: bounded float64 logit chunks
     max_rows = max(1, budget // (24 * weight.shape[0]))  # a [rows, V] float32 product, its float64 copy, a temp
     a = 0
@@ -154,16 +156,17 @@ def shared_kl(lm: CausalLM, E: torch.Tensor, log_P: torch.Tensor, reference: tor
             past = lm.prefix_cache(key_values, a, b - a)
             hidden = lm.hidden(batch, past=past).last_hidden_state  # [b - a, T - a, d]: rows a .. T - 1
             reads = [(k, min(b, t)) for k, t in enumerate(targets) if t > a]  # targets whose context meets [a, b)
-            if linear_kl_fn is None:
+            if shifted:
                 shift = torch.cat([hidden[:stop - a, targets[k] - 1 - a] - reference[k] for k, stop in reads])
+                shift = shift * lm.logit_map.scale if lm.logit_map.scale != 1.0 else shift
                 owner = torch.cat([torch.full((stop - a,), k, device=E.device) for k, stop in reads])
                 values = shifted_kl(shift, weight, log_P, owner, max_rows).split([stop - a for _, stop in reads])
                 for (k, stop), value in zip(reads, values, strict=True):
                     I[k][a:stop] = value
             else:
                 for k, stop in reads:
-                    I[k][a:stop] = linear_kl_fn(hidden[:stop - a, targets[k] - 1 - a], weight, bias, log_P[k],
-                                                vocab_chunk=vocab_chunk)
+                    I[k][a:stop] = kl.kl_at_rows(lm, hidden[:stop - a, targets[k] - 1 - a], log_P[k],
+                                                 linear_kl_fn or kl.linear_kl, vocab_chunk)
             del hidden, batch, past
             if progress is not None:
                 progress("kl", b, T)
@@ -182,7 +185,7 @@ def components_many(lm: CausalLM, ids: torch.Tensor, targets: Sequence[int], con
     order given; their ``timings`` hold that target's own work) and the timings of the whole call.
     sensitivity False skips ``S`` (zeros) - for timing the shared parts alone.
     """
-    with retained_heap(config.retain_heap, lm.device):
+    with lm.prepared(), retained_heap(config.retain_heap, lm.device):
         return _components_many(lm, ids, targets, config, progress, ops, sensitivity)
 
 

@@ -49,7 +49,7 @@ TORCH_OPS = Ops()
 def components(lm: CausalLM, ids: torch.Tensor, config: HETAConfig, progress: Progress | None = None,
                ops: Ops = TORCH_OPS) -> Components:
     """``M, S, I`` for ids ``[t + 1]`` (context then target token)."""
-    with retained_heap(config.retain_heap, lm.device):
+    with lm.prepared(), retained_heap(config.retain_heap, lm.device):
         return _components(lm, ids, config, progress, ops)
 
 
