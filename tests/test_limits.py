@@ -43,8 +43,8 @@ def test_over_length_input_names_the_limit_and_suggests_windows(build):
     heta = HETA(model)
     calls = forwards_counted(model)
     ids = random_ids(0, 20) % 20
-    with pytest.raises(ValueError, match=r"19 context tokens and the target make 20 positions, more than this "
-                                         r"\w+ model's limit of 16 \(max_position_embeddings\); pass window_size <= 15"):
+    with pytest.raises(ValueError, match=r"19 context tokens and the target make 20 positions, more than this \w+ "
+                                         r"model's limit of 16 \(max_position_embeddings\); pass window_size <= 15"):
         heta.attribute(ids)
     with pytest.raises(ValueError, match="a window of 16 tokens and the target make 17 positions"):
         heta.attribute(ids, window_size=16)
