@@ -57,6 +57,7 @@ from benchmarks.bench_smollm import (
 )
 from heta_fast import torch_backend
 from heta_fast.config import HETAConfig
+from heta_fast.memory import MemoryBudgetWarning
 from heta_fast.sensitivity import estimate_sensitivity
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,7 +212,7 @@ def sampled_exact_seconds(lm, ids: torch.Tensor, samples: int, seed: int, positi
     with torch.no_grad():
         key_values = lm.key_values(lm.hidden(E[None, :t], use_cache=True))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)  # it runs positions one by one on purpose
+        warnings.simplefilter("ignore", MemoryBudgetWarning)  # it runs positions one by one on purpose
         out = fast_hessian_sampled(lm, E, y, key_values, HETAConfig(samples=samples, seed=seed), positions)
     return {"estimate": out["estimate"], "samples": samples, "label": out["label"]}
 

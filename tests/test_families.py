@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,3 +243,9 @@ def test_a_token_outside_a_layers_window_receives_no_attention_there():
         rows, cols = torch.meshgrid(torch.arange(CONTEXT), torch.arange(CONTEXT), indexing="ij")
         assert torch.all(A[0][:, rows - cols >= WINDOW] == 0)
         assert torch.all(A[0][:, (rows - cols < WINDOW) & (rows >= cols)] > 0)
+
+
+def test_readme_lists_the_supported_families_as_the_module_prints_them():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = readme.split("<!-- families:begin -->\n", 1)[1].split("\n<!-- families:end -->", 1)[0]
+    assert listed == families.markdown_table(), "README is stale: paste `python -m heta_fast.families`"
