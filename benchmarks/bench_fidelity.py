@@ -55,7 +55,7 @@ from benchmarks.bench_smollm import (
     prompt_ids,
     prompt_text,
 )
-from heta_fast import torch_backend
+from heta_fast import pipeline
 from heta_fast.config import HETAConfig
 from heta_fast.memory import MemoryBudgetWarning
 from heta_fast.sensitivity import estimate_sensitivity
@@ -152,7 +152,7 @@ def evaluate(lm, ids: torch.Tensor, config: HETAConfig, estimators: Sequence[str
 
     ids: ``[t + 1]``. Returns per-estimator seconds, Spearman, top-5 and scale, and exact's seconds.
     """
-    exact = torch_backend.components(lm, ids, config.replace(hessian="exact"))
+    exact = pipeline.components(lm, ids, config.replace(hessian="exact"))
     M, S0, I = exact.M.double(), exact.S.double(), exact.I.double()
     scores0 = M * (config.beta * S0 + config.gamma * I)
     E, y, t = lm.embed(ids), int(ids[-1]), ids.numel() - 1

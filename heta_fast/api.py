@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from heta_fast import backends, multi_target
+from heta_fast import backends, pipeline
 from heta_fast.attribution import Attribution, MultiAttribution
 from heta_fast.components import Components, Progress, combine, windowed
 from heta_fast.config import HETAConfig
@@ -155,17 +155,15 @@ class HETA:
         """
         config = self._config(config, overrides)
         ids = self.tokenize(text_or_ids)
-        targets = multi_target.check_targets(targets, len(ids))
+        targets = pipeline.check_targets(targets, len(ids))
         backend = backends.resolve(config.backend, self.lm)
         self.check_size(max(targets) + 1, config)
-        windows = bool(config.window_size) and max(targets) > config.window_size
-        if backend.name == "reference" or windows:
+        if config.window_size and max(targets) > config.window_size:  # windows are cut per target
             with self.lm.prepared():
                 rows = [self.attribute(ids, target_pos=t, config=config, progress=progress) for t in targets]
             return MultiAttribution.from_rows(rows, config=config.to_dict(), backend=backend.name,
                                               prompt_length=prompt_length)
-        parts, timings = multi_target.components_many(self.lm, torch.tensor(ids, dtype=torch.long), targets, config,
-                                                      progress, ops=multi_target.ops_for(backend.name))
+        parts, timings = backend.run_many(self.lm, torch.tensor(ids, dtype=torch.long), targets, config, progress)
         rows = [self._attribution(c, ids[:t], ids[t], t, config, backend.name)
                 for c, t in zip(parts, targets, strict=True)]
         return MultiAttribution.from_rows(rows, config=config.to_dict(), backend=backend.name, timings=timings,
