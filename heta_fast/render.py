@@ -185,14 +185,15 @@ _CSS = """
 .heta h2{font-size:1.15em;margin:.2em 0}
 .heta .meta,.heta .note{color:#666;font-size:.85em;margin:.2em 0}
 .heta .controls{font-size:.9em;margin:.4em 0}
-.heta .controls label{margin-right:1em;cursor:pointer}
+.heta label{margin-right:1em;cursor:pointer;font-size:.9em}
 .heta input[type=radio]{margin:0 .25em 0 0}
 .heta .text{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:15px;line-height:2;
   border:1px solid #ddd;padding:.5em;white-space:pre-wrap;word-break:break-word}
-.heta .tok{background:var(--scores);padding:1px 0;border-radius:2px;cursor:help}
+.heta .tok{background:var(--scores);color:var(--fg-scores);padding:1px 0;border-radius:2px;cursor:help}
 .heta .tok.unit{padding:1px 2px}
-.heta .ws{color:#999}
-.heta .tok.target{outline:2px solid #1f5fbf;background:#dbe8ff;font-weight:bold;padding:1px 3px;margin-left:2px}
+.heta .ws{opacity:.5}
+.heta .tok.target{outline:2px solid #1f5fbf;background:#dbe8ff;color:#222;font-weight:bold;padding:1px 3px;
+  margin-left:2px}
 .heta .legend{margin:.5em 0;font-size:.8em;display:flex;align-items:center;gap:.5em}
 .heta .legend .bar{width:16em;height:.9em;border:1px solid #ccc;background:linear-gradient(to right,RAMP)}
 .heta .legend .top{display:none}
@@ -213,7 +214,7 @@ def _toggle_css(page: str) -> str:
     rules = []
     for name in COMPONENTS:
         rules.append(f"#{page}-{name}:checked~.view .tok:not(.target),#{page}-{name}:checked~.view td.in"
-                     f"{{background:var(--{name})}}")
+                     f"{{background:var(--{name});color:var(--fg-{name})}}")
         rules.append(f"#{page}-{name}:checked~.legend .top-{name}{{display:inline}}")
     return "\n".join(rules)
 
@@ -252,7 +253,10 @@ def _title(label: str, values: dict[str, float], extra: str = "") -> str:
 
 
 def _style(values: dict[str, float], tops: dict[str, float]) -> str:
-    return ";".join(f"--{name}:{_colour(_fraction(values[name], tops[name]))}" for name in COMPONENTS)
+    """CSS variables: ``--NAME`` the background for each component, ``--fg-NAME`` a readable text colour on it."""
+    fractions = {name: _fraction(values[name], tops[name]) for name in COMPONENTS}
+    return ";".join(f"--{name}:{_colour(x)};--fg-{name}:{'#fff' if x > 0.6 else '#222'}"
+                    for name, x in fractions.items())
 
 
 def _controls(page: str) -> str:
@@ -261,10 +265,10 @@ def _controls(page: str) -> str:
     return f'<span class="controls">colour by: </span>{radios}'
 
 
-def _legend(tops: dict[str, float], what: str) -> str:
+def _legend(tops: dict[str, float], what: str, hover: str) -> str:
     tops_html = "".join(f'<span class="top top-{name}">{_num(tops[name])}</span>' for name in COMPONENTS)
     return (f'<div class="legend"><span>{_attr(what)}: 0</span><span class="bar"></span>{tops_html}'
-            f'<span>(hover a {"cell" if "row" in what else "token"} for score, M, S and I)</span></div>')
+            f'<span>(hover a {hover} for score, M, S and I)</span></div>')
 
 
 def _values(result, i: int) -> dict[str, float]:
@@ -281,7 +285,8 @@ def _text_view(result, page: str, include_special: bool) -> str:
         gaps_from = 0
         for u, (a, b) in enumerate(result.spans):
             if source.text is not None and u:  # the whitespace between units (spaces, line breaks) as is
-                pieces.append("".join(ch for ch in source.text[gaps_from:a] if ch.isspace()) or " ")
+                gap = source.text[gaps_from:a]
+                pieces.append("".join(ch for ch in gap if ch.isspace()) or (" " if gap else ""))
             tokens = ", ".join(repr(source.context_tokens[i]) for i in result.members[u])
             pieces.append(f'<span class="tok unit" style="{_style(_values(result, u), tops)}" '
                           f'title="{_title(result.texts[u], _values(result, u), f" (tokens {tokens})")}">'
@@ -296,7 +301,8 @@ def _text_view(result, page: str, include_special: bool) -> str:
     pieces.append(f'<span class="tok target" title="{_attr(f"target {source.target_token!r} at {source.target_pos}")}"'
                   f'>{visible(source.target_token)}</span>')
     what = "score" if not hasattr(result, "unit") else f"{result.reducer} over {result.unit}"
-    return (f'{_controls(page)}{_legend(tops, what)}<div class="view"><div class="text">{"".join(pieces)}'
+    hover = "token" if not hasattr(result, "unit") else result.unit[:-1]
+    return (f'{_controls(page)}{_legend(tops, what, hover)}<div class="view"><div class="text">{"".join(pieces)}'
             f'</div></div>')
 
 
@@ -327,7 +333,7 @@ def _matrix_view(result: MultiAttribution, page: str, include_special: bool) -> 
             f'<tr><th class="axis yaxis" rowspan="{len(result) + 1}">target (position)</th><th></th>{head}</tr>')
     table_html = f'<table class="hm">{axis}{"".join(rows)}</table>'
     tops = {name: 1.0 for name in COMPONENTS}
-    return (f'{_controls(page)}{_legend(tops, "value over its row largest")}'
+    return (f'{_controls(page)}{_legend(tops, "value over the row largest", "cell")}'
             f'<div class="view">{table_html}</div>')
 
 
