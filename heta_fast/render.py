@@ -450,8 +450,7 @@ def _heat_figure(Figure, result: MultiAttribution, include_special: bool):
     ax = fig.add_subplot()
     import matplotlib as mpl  # only reached once figure_class() found it
 
-    cmap = mpl.colormaps["OrRd"].copy()
-    cmap.set_bad("#eeeeee")
+    cmap = mpl.colormaps["OrRd"].with_extremes(bad="#eeeeee")
     image = ax.imshow(shown, aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_xticks(range(len(columns)), [f"{_plain(result.context_tokens[i])} {i}" for i in columns], rotation=90,
                   fontsize=8)
