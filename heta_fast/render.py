@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from heta_fast.results import Aggregation, Attribution, MultiAttribution
 
 COMPONENTS = ("scores", "M", "S", "I")
@@ -380,7 +382,7 @@ def save_html(page: str, path: str | os.PathLike) -> None:
 # --- matplotlib ------------------------------------------------------------------------------
 
 
-def figure_class():
+def figure_class() -> type[Figure]:
     """matplotlib's ``Figure`` class; ModuleNotFoundError naming the ``plot`` extra when matplotlib is missing."""
     try:
         from matplotlib.figure import Figure
@@ -394,7 +396,7 @@ def _plain(text: str) -> str:
     return repr(text).replace("$", r"\$")
 
 
-def figure(result: Attribution | MultiAttribution | Aggregation, k: int = 12, include_special: bool = False):
+def figure(result: Attribution | MultiAttribution | Aggregation, k: int = 12, include_special: bool = False) -> Figure:
     """A matplotlib ``Figure`` ready for ``savefig``.
 
     Attribution/Aggregation: horizontal bars of the ``k`` best tokens (units), each score split

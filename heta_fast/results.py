@@ -13,11 +13,16 @@ special tokens out by default and report their share of the total score.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from heta_fast import render, spans
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REDUCERS = ("sum", "mean", "max")
 
@@ -137,14 +142,14 @@ class Attribution:
         """A self-contained HTML page: tokens coloured by score, M/S/I on hover, the target marked."""
         return render.html(self, include_special=include_special)
 
-    def save_html(self, path, include_special: bool = False) -> None:
+    def save_html(self, path: str | os.PathLike, include_special: bool = False) -> None:
         """Write ``to_html()`` to ``path`` (UTF-8)."""
         render.save_html(render.html(self, include_special=include_special), path)
 
     def _repr_html_(self) -> str:
         return render.html(self, fragment=True)
 
-    def plot(self, k: int = 12, include_special: bool = False):
+    def plot(self, k: int = 12, include_special: bool = False) -> Figure:
         """A matplotlib ``Figure``: the ``k`` best tokens, each score split into ``M*beta*S`` and ``M*gamma*I``."""
         return render.figure(self, k=k, include_special=include_special)
 
@@ -313,14 +318,14 @@ class MultiAttribution:
         """A self-contained HTML page: the targets x context heat map, both axes labelled."""
         return render.html(self, include_special=include_special)
 
-    def save_html(self, path, include_special: bool = False) -> None:
+    def save_html(self, path: str | os.PathLike, include_special: bool = False) -> None:
         """Write ``to_html()`` to ``path`` (UTF-8)."""
         render.save_html(render.html(self, include_special=include_special), path)
 
     def _repr_html_(self) -> str:
         return render.html(self, fragment=True)
 
-    def plot(self, include_special: bool = False):
+    def plot(self, include_special: bool = False) -> Figure:
         """A matplotlib ``Figure``: the targets x context heat map (each row over its largest score)."""
         return render.figure(self, include_special=include_special)
 
@@ -369,13 +374,13 @@ class Aggregation:
         """A self-contained HTML page: the units coloured by score, M/S/I and their tokens on hover."""
         return render.html(self)
 
-    def save_html(self, path) -> None:
+    def save_html(self, path: str | os.PathLike) -> None:
         render.save_html(render.html(self), path)
 
     def _repr_html_(self) -> str:
         return render.html(self, fragment=True)
 
-    def plot(self, k: int = 12):
+    def plot(self, k: int = 12) -> Figure:
         """A matplotlib ``Figure`` of the ``k`` best units (as ``Attribution.plot``)."""
         return render.figure(self, k=k)
 
