@@ -14,11 +14,11 @@ from collections.abc import Sequence
 import torch
 
 from heta_fast import backends, pipeline
-from heta_fast.attribution import Attribution, MultiAttribution
 from heta_fast.components import Components, Progress, combine, windowed
 from heta_fast.config import HETAConfig
 from heta_fast.memory import check_fits, default_budget
 from heta_fast.model import CausalLM
+from heta_fast.results import Attribution, MultiAttribution
 
 
 class HETA:
@@ -139,7 +139,8 @@ class HETA:
         with self.lm.prepared():
             c = windowed(lambda window: backend.components(self.lm, window, config, progress), context, y,
                          config.window_size, config.overlap)
-        return self._attribution(c, context.tolist(), y, target_pos, config, backend.name)
+        return self._with_source(self._attribution(c, context.tolist(), y, target_pos, config, backend.name),
+                                 text_or_ids)
 
     def attribute_targets(self, text_or_ids: str | Sequence[int] | torch.Tensor, targets: Sequence[int], *,
                           config: HETAConfig | None = None, progress: Progress | None = None,
@@ -161,13 +162,13 @@ class HETA:
         if config.window_size and max(targets) > config.window_size:  # windows are cut per target
             with self.lm.prepared():
                 rows = [self.attribute(ids, target_pos=t, config=config, progress=progress) for t in targets]
-            return MultiAttribution.from_rows(rows, config=config.to_dict(), backend=backend.name,
-                                              prompt_length=prompt_length)
+            return self._with_source(MultiAttribution.from_rows(rows, config=config.to_dict(), backend=backend.name,
+                                                                prompt_length=prompt_length), text_or_ids)
         parts, timings = backend.run_many(self.lm, torch.tensor(ids, dtype=torch.long), targets, config, progress)
         rows = [self._attribution(c, ids[:t], ids[t], t, config, backend.name)
                 for c, t in zip(parts, targets, strict=True)]
-        return MultiAttribution.from_rows(rows, config=config.to_dict(), backend=backend.name, timings=timings,
-                                          prompt_length=prompt_length)
+        return self._with_source(MultiAttribution.from_rows(rows, config=config.to_dict(), backend=backend.name,
+                                                            timings=timings, prompt_length=prompt_length), text_or_ids)
 
     def generate(self, text_or_ids: str | Sequence[int] | torch.Tensor, max_new_tokens: int = 16,
                  stop_at_eos: bool = True) -> list[int]:
@@ -254,6 +255,16 @@ class HETA:
                            context_tokens=self._token_strings(context), context_ids=list(context),
                            target_token=self._token_strings([y])[0], target_id=y, target_pos=target_pos,
                            config=config.to_dict(), backend=backend, timings=c.timings)
+
+    def _with_source(self, result: Attribution | MultiAttribution, text_or_ids) -> Attribution | MultiAttribution:
+        """Mark the tokenizer's special tokens; for text input, keep the text and each token's character offsets
+        (``Attribution.aggregate`` groups tokens into words and sentences by them; slow tokenizers have none)."""
+        special_ids = set(getattr(self.tokenizer, "all_special_ids", None) or [])
+        result.special = [i in special_ids for i in result.context_ids]
+        if isinstance(text_or_ids, str) and getattr(self.tokenizer, "is_fast", False):
+            offsets = self.tokenizer(text_or_ids, return_offsets_mapping=True)["offset_mapping"]
+            result.text, result.offsets = text_or_ids, [(int(a), int(b)) for a, b in offsets[:len(result.context_ids)]]
+        return result
 
     def _token_strings(self, ids: list[int]) -> list[str]:
         if self.tokenizer is None:
