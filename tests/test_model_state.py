@@ -73,19 +73,47 @@ def test_the_model_is_unchanged_after_a_call_and_after_a_failed_one(users_model,
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_models_are_attributed_in_float32(model, dtype, fresh_seed):
-    """S, I and M within 2% of the float32 model's (weights rounded once); torch and reference within 1e-3."""
+def test_half_precision_models_are_computed_in_float32(model, dtype, fresh_seed):
+    """The half model's attribution is the float32 computation on its own (rounded) weights.
+
+    On these tiny models (initializer_range 0.2, curvature far above a trained model's) bf16
+    rounding of the weights alone moves S by 0.4-3.6% (12 seeds); the arithmetic adds nothing.
+    """
     ids = random_ids(fresh_seed, 16)
     options = dict(samples=2, seed=fresh_seed)
-    full = HETA(model).attribute(ids, **options)
-    half = HETA(copy.deepcopy(model).to(dtype))
+    half_model = copy.deepcopy(model).to(dtype)
+    rounded = HETA(copy.deepcopy(half_model).float()).attribute(ids, **options)  # float32, same weights
+    half = HETA(half_model)
     fast = half.attribute(ids, backend="torch", **options)
     ref = half.attribute(ids, backend="reference", **options)
     for part in ("M", "S", "I"):
-        assert rel_err(getattr(fast, part), getattr(full, part)) < 2e-2, part
+        assert rel_err(getattr(fast, part), getattr(rounded, part)) < 1e-5, part
         assert rel_err(getattr(fast, part), getattr(ref, part)) < 1e-3, part
     several = half.attribute(ids, targets=[15, 8], backend="torch", **options)
     assert rel_err(several[0].S, fast.S) < 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_agree_with_the_float32_model(family, dtype, fresh_seed):
+    """S, I and M within 2% of the float32 model's, at an initialisation scale like transformers' own
+    (0.05; measured worst of 10 seeds: bf16 0.64%, fp16 0.07%)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(fresh_seed % 1000)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                             num_hidden_layers=3, intermediate_size=64, vocab_size=97,
+                                             initializer_range=0.05, attn_implementation="eager"))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=97, initializer_range=0.05,
+                                           bos_token_id=0, eos_token_id=0, attn_implementation="eager"))
+    ids = random_ids(fresh_seed, 16) % 97
+    options = dict(samples=2, seed=fresh_seed, backend="torch")
+    full = HETA(model.eval()).attribute(ids, **options)
+    half = HETA(copy.deepcopy(model).to(dtype)).attribute(ids, **options)
+    for part in ("M", "S", "I"):
+        assert rel_err(getattr(half, part), getattr(full, part)) < 2e-2, part
 
 
 def test_prepared_upcasts_inside_and_puts_the_originals_back(model):
