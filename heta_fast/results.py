@@ -27,8 +27,24 @@ if TYPE_CHECKING:
 REDUCERS = ("sum", "mean", "max")
 
 
+class _Page:
+    """The HTML views every result has (``render.html`` picks the layout: tokens, or a heat map)."""
+
+    def to_html(self, include_special: bool = False) -> str:
+        """A self-contained HTML page: tokens coloured by score with M/S/I on hover and the target
+        marked, or for several targets their targets x context heat map with both axes labelled."""
+        return render.html(self, include_special=include_special)
+
+    def save_html(self, path: str | os.PathLike, include_special: bool = False) -> None:
+        """Write ``to_html()`` to ``path`` (UTF-8)."""
+        render.save_html(self.to_html(include_special), path)
+
+    def _repr_html_(self) -> str:
+        return render.html(self, fragment=True)
+
+
 @dataclass
-class Attribution:
+class Attribution(_Page):
     """HETA scores for the context of one target token.
 
     scores, M, S, I: ``[n]`` float tensors, one entry per context token ``x_0 .. x_{n-1}``
@@ -138,17 +154,6 @@ class Attribution:
                            spans=unit_spans, members=members, excluded=sorted(skipped),
                            special_share=_share(self.scores, sorted(skipped)), attribution=self, **reduced)
 
-    def to_html(self, include_special: bool = False) -> str:
-        """A self-contained HTML page: tokens coloured by score, M/S/I on hover, the target marked."""
-        return render.html(self, include_special=include_special)
-
-    def save_html(self, path: str | os.PathLike, include_special: bool = False) -> None:
-        """Write ``to_html()`` to ``path`` (UTF-8)."""
-        render.save_html(render.html(self, include_special=include_special), path)
-
-    def _repr_html_(self) -> str:
-        return render.html(self, fragment=True)
-
     def plot(self, k: int = 12, include_special: bool = False) -> Figure:
         """A matplotlib ``Figure``: the ``k`` best tokens, each score split into ``M*beta*S`` and ``M*gamma*I``."""
         return render.figure(self, k=k, include_special=include_special)
@@ -163,7 +168,7 @@ class Attribution:
 
 
 @dataclass
-class MultiAttribution:
+class MultiAttribution(_Page):
     """HETA scores for several target tokens of one text: a targets x context matrix.
 
     Row ``k`` explains the target at position ``targets[k]`` by its own context
@@ -313,17 +318,6 @@ class MultiAttribution:
     def aggregate(self, unit: str = "words", reducer: str = "sum", include_special: bool = False) -> list[Aggregation]:
         """``Attribution.aggregate`` of every target, in the order of ``targets``."""
         return [row.aggregate(unit, reducer, include_special) for row in self]
-
-    def to_html(self, include_special: bool = False) -> str:
-        """A self-contained HTML page: the targets x context heat map, both axes labelled."""
-        return render.html(self, include_special=include_special)
-
-    def save_html(self, path: str | os.PathLike, include_special: bool = False) -> None:
-        """Write ``to_html()`` to ``path`` (UTF-8)."""
-        render.save_html(render.html(self, include_special=include_special), path)
-
-    def _repr_html_(self) -> str:
-        return render.html(self, fragment=True)
 
     def plot(self, include_special: bool = False) -> Figure:
         """A matplotlib ``Figure``: the targets x context heat map (each row over its largest score)."""
