@@ -47,7 +47,7 @@ def _stop(_stage: str, _done: int, _total: int) -> None:
 
 
 def run(lengths: Sequence[int] = (64,), samples: int = 10, repeats: int = 3, threads: int | None = None,
-        data: Path = DATA, seed: int = 0, first_batch: bool = False) -> dict:
+        data: Path = DATA, seed: int = 0, first_batch: bool = False, memory_budget: int | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     heta = HETA.from_pretrained()
@@ -56,12 +56,13 @@ def run(lengths: Sequence[int] = (64,), samples: int = 10, repeats: int = 3, thr
     variants = {"stock": hessian.hessian_sensitivity.__wrapped__, "fused": hessian.hessian_sensitivity}
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": machine(), "code": commit(), "prompt": source, "samples": samples, "repeats": repeats,
-           "first_batch": first_batch, "lengths": {}}
+           "first_batch": first_batch, "memory_budget": memory_budget, "lengths": {}}
     for n in lengths:
         ids = prompt_ids(heta.tokenizer, text, n)
         E = lm.embed(ids)
         y = int(ids[-1])
-        config = HETAConfig(samples=samples, seed=seed)
+        # a fixed budget keeps both variants on the same batches (the default follows free memory)
+        config = HETAConfig(samples=samples, seed=seed, memory_budget=memory_budget)
         budget = config.memory_budget or default_budget(lm.device)
         with torch.no_grad():
             key_values = lm.key_values(lm.hidden(E[None, :n], use_cache=True))
@@ -107,11 +108,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, default=10, help="m, probes per position")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--memory-budget-gib", type=float, default=None,
+                        help="fixed batching budget (default: a quarter of free memory, which moves)")
     parser.add_argument("--first-batch", action="store_true", help="time the first batch of positions only")
     parser.add_argument("--data", type=Path, default=DATA, help="curated_qa_100.json (the prompt text)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     args = parser.parse_args(argv)
-    out = run(args.lengths, args.samples, args.repeats, args.threads, args.data, first_batch=args.first_batch)
+    out = run(args.lengths, args.samples, args.repeats, args.threads, args.data, first_batch=args.first_batch,
+              memory_budget=None if args.memory_budget_gib is None else int(args.memory_budget_gib * 2**30))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
