@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from heta_fast.second_order import fused_hvps
+
 
 def block_l1_mean(hvp: torch.Tensor, positions: torch.Tensor, n: int, samples: int) -> torch.Tensor:
     """Reduce HVP results to ``S``: ``S_i = (1/m) sum_k ||(H r_{i,k})_i||_1``.
@@ -21,6 +23,7 @@ def block_l1_mean(hvp: torch.Tensor, positions: torch.Tensor, n: int, samples: i
     return out.index_add_(0, positions, l1) / samples
 
 
+@fused_hvps
 def hessian_sensitivity(lm, E: torch.Tensor, y: int, key_values, config, budget: int,
                         rademacher_fn=None, block_l1_fn=block_l1_mean, progress=None) -> torch.Tensor:
     """``S``: ``[n]``. E: ``[t + 1, d]``; y: target id; key_values: the prefix cache of rows ``0 .. p``.

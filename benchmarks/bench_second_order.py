@@ -1,0 +1,126 @@
+"""The fast exact Hessian with and without the fused second-order Functions, in one process.
+
+    python -m benchmarks.bench_second_order                  # SmolLM2, n = 64, m = 10, 3 repeats
+    python -m benchmarks.bench_second_order --lengths 32 --repeats 5 --threads 1
+    python -m benchmarks.bench_second_order --first-batch --threads 1   # the first batch of positions only
+
+For each length the whole fast ``S`` (``hessian.hessian_sensitivity``) runs alternately with the
+model's stock modules (``hessian_sensitivity.__wrapped__``) and with ``heta_fast.second_order``'s
+fused MLP and norm Functions (the decorated function, what the backend runs), ``--repeats`` times
+each, interleaved so that both see the same machine load; medians, their ratio, the load
+average at every run and the relative difference of the two ``S`` go to the JSON. Same prompt as
+``bench_smollm`` (the curated QA text cut to ``n + 1`` tokens), the backend's heap settings.
+Each run also records this process's CPU time (``time.process_time``), which a shared machine
+inflates far less than wall time. ``--first-batch`` stops each run after the first batch of
+positions (the longest rows: ``0 .. c - 1`` of ``n``), a sample of the whole for loaded machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_smollm import DATA, _load, commit, machine, prompt_ids, prompt_text
+from heta_fast import HETA, hessian
+from heta_fast.allocator import retained_heap
+from heta_fast.config import HETAConfig
+from heta_fast.memory import default_budget
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "second_order.json"
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(_stage: str, _done: int, _total: int) -> None:
+    raise _Stop
+
+
+def run(lengths: Sequence[int] = (64,), samples: int = 10, repeats: int = 3, threads: int | None = None,
+        data: Path = DATA, seed: int = 0, first_batch: bool = False, memory_budget: int | None = None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    heta = HETA.from_pretrained()
+    lm = heta.lm
+    text, source = prompt_text(data)
+    variants = {"stock": hessian.hessian_sensitivity.__wrapped__, "fused": hessian.hessian_sensitivity}
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "machine": machine(), "code": commit(), "prompt": source, "samples": samples, "repeats": repeats,
+           "first_batch": first_batch, "memory_budget": memory_budget, "lengths": {}}
+    for n in lengths:
+        ids = prompt_ids(heta.tokenizer, text, n)
+        E = lm.embed(ids)
+        y = int(ids[-1])
+        # a fixed budget keeps both variants on the same batches (the default follows free memory)
+        config = HETAConfig(samples=samples, seed=seed, memory_budget=memory_budget)
+        budget = config.memory_budget or default_budget(lm.device)
+        with torch.no_grad():
+            key_values = lm.key_values(lm.hidden(E[None, :n], use_cache=True))
+        seconds: dict[str, list[float]] = {name: [] for name in variants}
+        cpu: dict[str, list[float]] = {name: [] for name in variants}
+        loads: dict[str, list[list[float]]] = {name: [] for name in variants}
+        S = {}
+        for _ in range(repeats):
+            for name, fn in variants.items():
+                loads[name].append(_load())
+                reduced: list[torch.Tensor] = []
+
+                def reduce(hvp, positions, count, m, reduced=reduced):
+                    reduced.append(hessian.block_l1_mean(hvp, positions, count, m))
+                    return reduced[-1]
+
+                start, start_cpu = time.perf_counter(), time.process_time()
+                with retained_heap(config.retain_heap, lm.device), contextlib.suppress(_Stop):
+                    fn(lm, E, y, key_values, config, budget, None, reduce, _stop if first_batch else None)
+                seconds[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+                S[name] = sum(reduced)
+                print(f"n={n} {name}: {seconds[name][-1]:.2f} s, CPU {cpu[name][-1]:.2f} s "
+                      f"(load {loads[name][-1]})", flush=True)
+        median = {name: statistics.median(v) for name, v in seconds.items()}
+        median_cpu = {name: statistics.median(v) for name, v in cpu.items()}
+        diff = float((S["fused"] - S["stock"]).abs().max() / S["stock"].abs().max())
+        out["lengths"][str(n)] = {"seconds": seconds, "cpu_seconds": cpu, "loads": loads, "median": median,
+                                  "median_cpu": median_cpu, "speedup": median["stock"] / median["fused"],
+                                  "speedup_cpu": median_cpu["stock"] / median_cpu["fused"],
+                                  "positions": int((S["stock"] != 0).sum()), "S_rel_diff": diff}
+        print(f"n={n}: stock {median['stock']:.2f} s, fused {median['fused']:.2f} s, "
+              f"{median['stock'] / median['fused']:.2f}x (CPU time {median_cpu['stock']:.2f} s -> "
+              f"{median_cpu['fused']:.2f} s, {median_cpu['stock'] / median_cpu['fused']:.2f}x); "
+              f"S differs by {diff:.1e} (relative)", flush=True)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_second_order",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64], help="context sizes n")
+    parser.add_argument("--samples", type=int, default=10, help="m, probes per position")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--memory-budget-gib", type=float, default=None,
+                        help="fixed batching budget (default: a quarter of free memory, which moves)")
+    parser.add_argument("--first-batch", action="store_true", help="time the first batch of positions only")
+    parser.add_argument("--data", type=Path, default=DATA, help="curated_qa_100.json (the prompt text)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    args = parser.parse_args(argv)
+    out = run(args.lengths, args.samples, args.repeats, args.threads, args.data, first_batch=args.first_batch,
+              memory_budget=None if args.memory_budget_gib is None else int(args.memory_budget_gib * 2**30))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
