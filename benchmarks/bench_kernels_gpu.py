@@ -42,9 +42,9 @@ if not ARGS.smoke and not torch.cuda.is_available():
 
 import heta_fast.kernels as K  # noqa: E402
 
-from heta_fast.hessian import block_l1_mean  # noqa: E402
 from heta_fast.kl import linear_kl  # noqa: E402
 from heta_fast.probes import rademacher  # noqa: E402
+from heta_fast.sensitivity.exact import block_l1_mean  # noqa: E402
 
 DEVICE = torch.device("cpu" if ARGS.smoke else "cuda")
 REPS = ARGS.reps or (1 if ARGS.smoke else 5 if ARGS.quick else 20)

@@ -43,13 +43,14 @@ from unittest import mock
 
 import torch
 
-from heta_fast import hessian, kl, memory, reference
+from heta_fast import kl, memory, reference
 from heta_fast.allocator import retained_heap
 from heta_fast.backends import resolve
 from heta_fast.config import HETAConfig
 from heta_fast.flops import ModelSizes, component_flops
 from heta_fast.memory import default_budget
 from heta_fast.probes import rademacher
+from heta_fast.sensitivity import exact
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data" / "curated_qa_100.json"
@@ -174,7 +175,7 @@ def reference_hessian_sampled(lm, E: torch.Tensor, y: int, config: HETAConfig, c
 class _Shifted:
     """A ``CausalLM`` whose prefix cache is ``offset`` positions longer than asked for.
 
-    ``hessian.hessian_sensitivity(_Shifted(lm, i), E[i:], ...)`` then processes position ``i`` of
+    ``exact.hessian_sensitivity(_Shifted(lm, i), E[i:], ...)`` then processes position ``i`` of
     the original input first, on the real cached prefix ``0 .. i - 1`` (same rows, same keys,
     same rotary positions): the fast path's own code, started at position ``i``.
     """
@@ -207,7 +208,7 @@ def fast_position(lm, E: torch.Tensor, y: int, key_values, config: HETAConfig, i
         raise _Stop
 
     def reduce(hvp, positions, n, samples):
-        out = hessian.block_l1_mean(hvp, positions, n, samples)
+        out = exact.block_l1_mean(hvp, positions, n, samples)
         result["S"] = out[0].detach().clone()
         return out
 
@@ -217,7 +218,7 @@ def fast_position(lm, E: torch.Tensor, y: int, key_values, config: HETAConfig, i
     start = time.perf_counter()
     with (contextlib.suppress(_Stop), retained_heap(config.retain_heap, lm.device),
           mock.patch.object(memory, "batch_size", lambda *_args, **_kwargs: 1)):
-        hessian.hessian_sensitivity(_Shifted(lm, i), E[i:], y, key_values, config, budget,
+        exact.hessian_sensitivity(_Shifted(lm, i), E[i:], y, key_values, config, budget,
                                     shifted_probes, reduce, stop)
     return time.perf_counter() - start, result["S"]
 
@@ -311,7 +312,7 @@ def measure_fast(lm, ids: torch.Tensor, config: HETAConfig, components: Sequence
             + ("sampled" if sample_hessian else "full run"))
     patches = []
     if "hessian" not in components or sample_hessian:
-        patches.append(mock.patch.object(hessian, "hessian_sensitivity", _stub(n)))
+        patches.append(mock.patch.object(exact, "hessian_sensitivity", _stub(n)))
     if "kl" not in components:
         patches.append(mock.patch.object(kl, "kl_information", _stub(n)))
     with contextlib.ExitStack() as stack:

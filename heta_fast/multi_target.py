@@ -28,13 +28,14 @@ from collections.abc import Sequence
 
 import torch
 
-from heta_fast import hessian, kl
+from heta_fast import kl
 from heta_fast.allocator import retained_heap
 from heta_fast.components import Components, Progress, timed
 from heta_fast.config import HETAConfig
 from heta_fast.memory import batch_size, default_budget
 from heta_fast.model import CausalLM
 from heta_fast.semantic_flow import semantic_flows
+from heta_fast.sensitivity import exact as hessian
 from heta_fast.torch_backend import TORCH_OPS, Ops, estimate_sensitivity
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from heta_fast import hessian, kl
+from heta_fast import kl
 from heta_fast.allocator import retained_heap
 from heta_fast.components import Components, Progress, timed
 from heta_fast.config import HETAConfig
@@ -21,6 +21,8 @@ from heta_fast.memory import default_budget
 from heta_fast.model import CausalLM
 from heta_fast.probes import rademacher
 from heta_fast.semantic_flow import semantic_flow
+from heta_fast.sensitivity import estimate_sensitivity as estimate
+from heta_fast.sensitivity import exact as hessian
 
 
 def estimate_sensitivity(lm: CausalLM, E: torch.Tensor, y: int, key_values, config: HETAConfig, budget: int,
@@ -29,8 +31,6 @@ def estimate_sensitivity(lm: CausalLM, E: torch.Tensor, y: int, key_values, conf
 
     Dispatches to ``heta_fast.sensitivity`` (formulas and costs: docs/estimators.md).
     """
-    from heta_fast.sensitivity import estimate_sensitivity as estimate
-
     return estimate(lm, E, y, key_values, config, budget, progress)
 
 

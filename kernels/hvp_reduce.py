@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from heta_fast.hessian import block_l1_mean as block_l1_mean_torch
+from heta_fast.sensitivity.exact import block_l1_mean as block_l1_mean_torch
 
 from ._common import check_device, check_out, next_pow2
 
