@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, random_ids, rel_err
+from helpers import VOCAB, random_ids, rel_err
 
 from heta_fast import HETA, HETAConfig
 from heta_fast.probes import rademacher, unk_vectors

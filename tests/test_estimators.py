@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_ids, rel_err
+from helpers import random_ids, rel_err
 
 from heta_fast import HETA
 from heta_fast.config import HESSIANS, HETAConfig

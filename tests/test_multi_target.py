@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, random_ids, rel_err, tiny_gpt2, tiny_llama
+from helpers import VOCAB, random_ids, rel_err, tiny_gpt2, tiny_llama
 
 from heta_fast import HETA, HETAConfig, kl
 from heta_fast.attribution import Attribution, MultiAttribution
