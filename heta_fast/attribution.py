@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from heta_fast.checks import is_int
+
 _BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
@@ -197,7 +199,7 @@ class MultiAttribution:
 
     def __getitem__(self, k: int) -> Attribution:
         """The single-target ``Attribution`` of target ``k`` (negative ``k`` counts from the end)."""
-        if isinstance(k, bool) or not isinstance(k, int):
+        if not is_int(k):
             raise TypeError(f"index with an int target number, got {type(k).__name__}")
         if not -len(self) <= k < len(self):
             raise IndexError(f"target {k} out of range for {len(self)} targets")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from heta_fast.checks import check_int
 from heta_fast.probes import check_seed
 
 MASKS = ("zero", "mean", "unk")
@@ -60,15 +61,15 @@ class HETAConfig:
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
             if not value >= 0:  # also rejects NaN
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        _check_int("samples", self.samples, minimum=1, what="m (samples) must be >= 1")
+        check_int("samples", self.samples, minimum=1, what="m (samples) must be >= 1")
         if self.mask not in MASKS:
             raise ValueError(f"unknown mask {self.mask!r}; expected one of {', '.join(MASKS)}")
         if self.value_source not in VALUE_SOURCES:
             raise ValueError(f"unknown value_source {self.value_source!r}; expected one of {', '.join(VALUE_SOURCES)}")
         if self.layer_subset is not None:
-            _check_int("layer_subset", self.layer_subset, minimum=1, what="layer_subset must be >= 1 (or None)")
+            check_int("layer_subset", self.layer_subset, minimum=1, what="layer_subset must be >= 1 (or None)")
         if self.window_size is not None:
-            _check_int("window_size", self.window_size, minimum=0, what="window_size must be >= 0 (or None)")
+            check_int("window_size", self.window_size, minimum=0, what="window_size must be >= 0 (or None)")
         if isinstance(self.overlap, bool) or not isinstance(self.overlap, (int, float)):
             raise TypeError(f"overlap must be a number, got {type(self.overlap).__name__}")
         if not 0.0 <= self.overlap < 1.0:
@@ -77,14 +78,14 @@ class HETAConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; expected one of {', '.join(BACKENDS)}")
         if self.memory_budget is not None:
-            _check_int("memory_budget", self.memory_budget, minimum=1,
+            check_int("memory_budget", self.memory_budget, minimum=1,
                        what="memory_budget must be a positive byte count")
         if not isinstance(self.retain_heap, bool):
             raise TypeError(f"retain_heap must be a bool, got {type(self.retain_heap).__name__}")
         if self.hessian not in HESSIANS:
             raise ValueError(f"unknown hessian estimator {self.hessian!r}; expected one of {', '.join(HESSIANS)}")
         for name in ("hessian_rank", "hessian_topk", "hessian_layers"):
-            _check_int(name, getattr(self, name), minimum=1, what=f"{name} must be >= 1")
+            check_int(name, getattr(self, name), minimum=1, what=f"{name} must be >= 1")
 
     def replace(self, **changes) -> HETAConfig:
         """A copy with some fields changed (validated again)."""
@@ -92,10 +93,3 @@ class HETAConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _check_int(name: str, value, *, minimum: int, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{what}, got {value}")

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from heta_fast.checks import check_int
+
 MASK32 = 0xFFFFFFFF
 HASH_MUL_1 = 0x7FEB352D
 HASH_MUL_2 = 0x846CA68B
@@ -52,11 +54,8 @@ def hash32_int(x: int) -> int:
 
 
 def check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not 0 <= seed <= MASK32:
-        raise ValueError(f"seed must lie in [0, 2**32), got {seed}")
-    return seed
+    """``seed`` when it is an int in ``[0, 2**32)``, else ``TypeError``/``ValueError``."""
+    return check_int("seed", seed, 0, MASK32, what="seed must lie in [0, 2**32)")
 
 
 def _row_keys(seed: int, stream: int, positions: torch.Tensor, samples: torch.Tensor | None) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from heta_fast.checks import check_int
 from heta_fast.probes import MASK32, STREAM_PROBE, check_seed
 from heta_fast.probes import rademacher as rademacher_torch
 
@@ -83,8 +84,7 @@ def rademacher_triton(seed: int, positions, samples, d: int, dtype: torch.dtype 
     positions' device. ``out``: optional ``[B, d]`` tensor of ``dtype`` to write into (any strides).
     """
     check_seed(seed)
-    if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-        raise ValueError(f"d must be a non-negative int, got {d!r}")
+    check_int("d", d, 0)
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {_FLOAT_DTYPES}, got {dtype}")
     positions = _as_index("positions", positions, device)
