@@ -36,10 +36,12 @@ class _Stop(Exception):
 
 
 def _blocks_attribute(lm) -> str:
-    for name in ("layers", "h"):
-        if isinstance(getattr(lm.backbone, name, None), nn.ModuleList):
+    """The backbone attribute holding the decoder layers that ``CausalLM`` found (``lm.layers``)."""
+    first = lm.layers[0].block
+    for name, child in lm.backbone.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) and child[0] is first:
             return name
-    raise TypeError(f"no decoder layer list on {type(lm.backbone).__name__} (expected .layers or .h)")
+    raise TypeError(f"the decoder layers of {type(lm.backbone).__name__} are not one of its module lists")
 
 
 def _with_hidden_states(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
