@@ -43,7 +43,7 @@ if not ARGS.smoke and not torch.cuda.is_available():
 import heta_fast.kernels as K  # noqa: E402
 
 from heta_fast.kl import linear_kl  # noqa: E402
-from heta_fast.probes import rademacher  # noqa: E402
+from heta_fast.rng import rademacher  # noqa: E402
 from heta_fast.sensitivity.exact import block_l1_mean  # noqa: E402
 
 DEVICE = torch.device("cpu" if ARGS.smoke else "cuda")

@@ -49,7 +49,7 @@ from heta_fast.backends import resolve
 from heta_fast.config import HETAConfig
 from heta_fast.flops import ModelSizes, component_flops
 from heta_fast.memory import default_budget
-from heta_fast.probes import rademacher
+from heta_fast.rng import rademacher
 from heta_fast.sensitivity import exact
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from heta_fast.checks import check_int
-from heta_fast.probes import check_seed
+from heta_fast.rng import check_seed
 
 MASKS = ("zero", "mean", "unk")
 VALUE_SOURCES = ("attention", "residual")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from heta_fast.config import MASKS
-from heta_fast.probes import unk_vectors
+from heta_fast.rng import unk_vectors
 
 
 def mask_rows(mask: str, embeddings: torch.Tensor, positions: torch.Tensor, seed: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from heta_fast.components import Components, Progress, normalise_flow, timed
 from heta_fast.config import HETAConfig
 from heta_fast.kl import kl_from_log_probs, mask_rows
 from heta_fast.model import CausalLM
-from heta_fast.probes import rademacher
+from heta_fast.rng import rademacher
 
 
 def semantic_flow(lm: CausalLM, E: torch.Tensor, config: HETAConfig) -> torch.Tensor:

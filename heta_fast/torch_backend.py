@@ -19,7 +19,7 @@ from heta_fast.components import Components, Progress, timed
 from heta_fast.config import HETAConfig
 from heta_fast.memory import default_budget
 from heta_fast.model import CausalLM
-from heta_fast.probes import rademacher
+from heta_fast.rng import rademacher
 from heta_fast.semantic_flow import semantic_flow
 from heta_fast.sensitivity import estimate_sensitivity as estimate
 from heta_fast.sensitivity import exact as hessian

@@ -5,7 +5,7 @@
 - ``rademacher_triton``: the counter-based probes drawn in-kernel.
 
 Each matches its torch reference (``heta_fast.kl.linear_kl``, ``heta_fast.hessian.block_l1_mean``,
-``heta_fast.probes.rademacher``). Importing this package never needs triton: the kernel modules
+``heta_fast.rng.rademacher``). Importing this package never needs triton: the kernel modules
 load on the first call, which raises ``RuntimeError`` when ``triton_status()`` says the backend
 cannot run. Triton decides on its first import whether kernels are compiled or interpreted
 (``TRITON_INTERPRET=1``, CPU tensors), and transformers imports it with its model classes: set

@@ -12,7 +12,7 @@ from heta_fast.config import BACKENDS, HETAConfig
 from heta_fast.flops import component_flops
 from heta_fast.kl import linear_kl
 from heta_fast.model import CausalLM
-from heta_fast.probes import rademacher
+from heta_fast.rng import rademacher
 from heta_fast.sensitivity.exact import block_l1_mean
 
 

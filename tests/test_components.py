@@ -12,7 +12,7 @@ import torch
 from helpers import VOCAB, random_ids, rel_err
 
 from heta_fast import HETA, HETAConfig
-from heta_fast.probes import rademacher, unk_vectors
+from heta_fast.rng import rademacher, unk_vectors
 
 BACKENDS = ["reference", "torch"]
 

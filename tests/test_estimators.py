@@ -14,7 +14,7 @@ from helpers import random_ids, rel_err
 from heta_fast import HETA
 from heta_fast.config import HESSIANS, HETAConfig
 from heta_fast.model import CausalLM
-from heta_fast.probes import rademacher
+from heta_fast.rng import rademacher
 from heta_fast.sensitivity import ESTIMATORS, estimate_sensitivity
 from heta_fast.sensitivity.exact import hessian_sensitivity
 from heta_fast.sensitivity.low_rank import sketch_vectors

@@ -27,7 +27,7 @@ import triton.language as tl  # noqa: E402
 from heta_fast.kernels.probes import _probe_key, _probe_sign  # noqa: E402
 
 from heta_fast.kl import linear_kl  # noqa: E402
-from heta_fast.probes import rademacher  # noqa: E402
+from heta_fast.rng import rademacher  # noqa: E402
 from heta_fast.sensitivity.exact import block_l1_mean  # noqa: E402
 
 SEED = int(os.environ.get("HETA_KERNEL_TEST_SEED", random.SystemRandom().randrange(2**31)))

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from heta_fast.components import Progress
-from heta_fast.probes import rademacher
+from heta_fast.rng import rademacher
 from heta_fast.sensitivity.exact import block_l1_mean, hessian_sensitivity
 from heta_fast.sensitivity.gauss_newton import gauss_newton_sensitivity
 from heta_fast.sensitivity.layer_subset import layer_subset_sensitivity

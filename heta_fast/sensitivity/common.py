@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from heta_fast.memory import sequence_bytes, warn_if_over
-from heta_fast.probes import rademacher
+from heta_fast.rng import rademacher
 
 READ_OUT_POSITIONS = 256  # positions per read-out step: the probes of all n at once would be n m d floats
 
@@ -26,7 +26,7 @@ def block_probes(seed: int, start: int, stop: int, samples: int, d: int, dtype: 
                  device: torch.device | str | None = None) -> torch.Tensor:
     """The spec's probes ``r_{i,k}`` for ``start <= i < stop``, ``k < m``, as blocks: ``[stop - start, m, d]``.
 
-    The same counter-based numbers as the exact path (``heta_fast.probes.rademacher``).
+    The same counter-based numbers as the exact path (``heta_fast.rng.rademacher``).
     """
     positions = torch.arange(start, stop, device=device).repeat_interleave(samples)
     ks = torch.arange(samples, device=device).repeat(stop - start)

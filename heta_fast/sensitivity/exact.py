@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from heta_fast.memory import batch_size, sequence_bytes, warn_if_over
-from heta_fast.probes import rademacher
+from heta_fast.rng import rademacher
 
 
 def block_l1_mean(hvp: torch.Tensor, positions: torch.Tensor, n: int, samples: int) -> torch.Tensor:

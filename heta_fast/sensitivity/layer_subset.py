@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from heta_fast.components import Progress
-from heta_fast.probes import rademacher
+from heta_fast.rng import rademacher
 from heta_fast.sensitivity.exact import block_l1_mean, hessian_sensitivity
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from heta_fast.components import Progress
-from heta_fast.probes import check_seed, hash32, hash32_int
+from heta_fast.rng import check_seed, hash32, hash32_int
 from heta_fast.sensitivity.common import factored_sensitivity, target_log_prob, vectors_that_fit
 
 STREAM_SKETCH = 0x736B6574  # "sket": a stream of its own, so sketch and block probes never coincide

@@ -7,7 +7,7 @@ import torch
 from helpers import random_ids
 
 from heta_fast import HETA
-from heta_fast.probes import hash32, hash32_int, rademacher, unk_vectors
+from heta_fast.rng import hash32, hash32_int, rademacher, unk_vectors
 
 
 def test_tensor_hash_equals_integer_hash(fresh_seed):

@@ -9,6 +9,9 @@ The mixing function is a 32-bit integer hash (``lowbias32``: xor-shift, multiply
 multiply, xor-shift). In torch it runs on int64 tensors holding values in ``[0, 2**32)``; the
 32-bit products are split into 16-bit halves so that no intermediate exceeds 2**49 (int64
 overflow is undefined in C++, so we never rely on wrap-around).
+
+``kernels/probes.py`` (``heta_fast.kernels.probes``) is this module's Triton twin: the same
+hash and probes drawn inside a kernel, bit for bit equal.
 """
 
 from __future__ import annotations
