@@ -17,6 +17,7 @@ from heta_fast import backends, multi_target
 from heta_fast.attribution import Attribution, MultiAttribution
 from heta_fast.components import Components, Progress, combine, windowed
 from heta_fast.config import HETAConfig
+from heta_fast.embedded import default_model_path
 from heta_fast.model import CausalLM
 
 
@@ -41,10 +42,8 @@ class HETA:
                         dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> HETA:
         """Load a model and tokenizer with transformers; ``None`` loads the embedded SmolLM2-135M-Instruct."""
         if name_or_path is None:
-            from heta_fast.embedded import default_model_path
-
             name_or_path = default_model_path()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.models.auto import AutoModelForCausalLM, AutoTokenizer  # seconds to import: on use
 
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="eager")

@@ -23,6 +23,11 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
+import torch
+
+from heta_fast import __version__
+from heta_fast.api import HETA
+from heta_fast.backends import check
 from heta_fast.config import BACKENDS, MASKS, VALUE_SOURCES, HETAConfig
 
 # Errors the library raises for bad input; they become `error: ...` and exit code 2.
@@ -150,6 +155,7 @@ class StageProgress:
 def _transformers_output(quiet: bool) -> Iterator[None]:
     """Hide transformers' own loading bars (we draw our own progress), and its warnings too when quiet."""
     try:
+        # imported on use: transformers takes seconds to load (1.7 s for this module at load 6)
         from transformers.utils import logging as hf_logging
     except ImportError:  # transformers is a dependency; missing, the load itself reports it
         yield
@@ -238,8 +244,6 @@ def _check_device(name: str | None) -> None:
     """Fail before the model loads when ``--device`` names nothing usable."""
     if name is None:
         return
-    import torch
-
     try:
         device = torch.device(name)
     except RuntimeError as exc:  # torch says "Expected one of cpu, cuda, ..." as a RuntimeError
@@ -277,17 +281,11 @@ def run_attribute(args: argparse.Namespace) -> int:
         raise ValueError(f"--top must be >= 1, got {args.top}")
     _check_device(args.device)
     if config.backend == "triton":
-        import torch
-
-        from heta_fast.backends import check
-
         check("triton", torch.device(args.device) if args.device else None)
     _check_model_folder(args.model)
     target = args.target_token if args.target_token is not None else args.target_id
 
     progress = None if args.quiet else StageProgress(sys.stderr)
-    from heta_fast.api import HETA
-
     with _transformers_output(args.quiet):
         if progress:
             progress.note(f"loading {args.model or EMBEDDED_NAME}")
@@ -319,8 +317,6 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from heta_fast import __version__
-
     parser = _Parser(prog="heta-fast",
                      description="Fast, exact HETA (Hessian-Enhanced Token Attribution) for decoder-only "
                                  "language models. Run 'heta-fast COMMAND --help' for a command's options.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from heta_fast.config import MASKS
+from heta_fast.memory import batch_size, sequence_bytes, warn_if_over
 from heta_fast.rng import unk_vectors
 
 
@@ -102,8 +103,6 @@ def kl_information(lm, E: torch.Tensor, log_P: torch.Tensor, key_values, config,
     Variants are batched by context position; a batch ``[a, b)`` runs rows ``a .. p`` on the
     cached keys/values of rows ``< a`` and unembeds row ``p`` only.
     """
-    from heta_fast.memory import batch_size, sequence_bytes, warn_if_over
-
     t = E.shape[0] - 1
     I = torch.zeros(t, dtype=torch.float32, device=E.device)
     weight, bias = lm.lm_head.weight, lm.lm_head.bias

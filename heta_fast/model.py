@@ -127,7 +127,7 @@ class CausalLM:
 
         The forward that consumes it appends to new tensors, so ``key_values`` stay untouched.
         """
-        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicCache  # imported on use: transformers takes seconds to load
 
         data = [(k[:1, :, :length].expand(batch, -1, -1, -1), v[:1, :, :length].expand(batch, -1, -1, -1))
                 for k, v in key_values]
@@ -179,8 +179,9 @@ class CausalLM:
 
 def _check_causal(model) -> None:
     try:
-        from transformers import PreTrainedModel
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        # transformers' model code takes seconds to import (1.5-9 s each, measured at load 6): load it on use
+        from transformers.modeling_utils import PreTrainedModel
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # (as above)
     except ImportError as error:  # pragma: no cover - transformers is a dependency
         raise ImportError("heta_fast needs transformers: pip install transformers") from error
     if not isinstance(model, PreTrainedModel):

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from heta_fast import kl
+from heta_fast import kernels, kl
 from heta_fast.allocator import retained_heap
 from heta_fast.components import Components, Progress, timed
 from heta_fast.config import HETAConfig
@@ -46,8 +46,6 @@ def ops_for(backend_name: str) -> Ops:
     """
     if backend_name != "triton":
         return TORCH_OPS
-    from heta_fast import kernels
-
     return Ops(linear_kl=kernels.fused_linear_kl, block_l1_mean=kernels.hvp_block_l1_mean,
                rademacher=kernels.rademacher_triton)
 
