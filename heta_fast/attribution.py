@@ -29,7 +29,7 @@ class Attribution:
     scores: torch.Tensor
     M: torch.Tensor
     S: torch.Tensor
-    I: torch.Tensor  # noqa: E741 - the spec's name
+    I: torch.Tensor  # noqa: E741 - the name in docs/method.md
     context_tokens: list[str]
     context_ids: list[int]
     target_token: str
@@ -143,7 +143,7 @@ class MultiAttribution:
     scores: torch.Tensor
     M: torch.Tensor
     S: torch.Tensor
-    I: torch.Tensor  # noqa: E741 - the spec's name
+    I: torch.Tensor  # noqa: E741 - the name in docs/method.md
     context_tokens: list[str]
     context_ids: list[int]
     targets: list[int]

@@ -200,7 +200,7 @@ def add_attribute_parser(subparsers) -> None:
     target.add_argument("--target-id", type=int, metavar="ID", default=None,
                         help="like --target-token, given as a token id")
 
-    method = parser.add_argument_group("method (defaults from HETA_SPEC)")
+    method = parser.add_argument_group("method (defaults from docs/method.md §4)")
     method.add_argument("--samples", "-m", type=int, metavar="M", default=None,
                         help="Rademacher probes per context token for S (default 10)")
     method.add_argument("--seed", type=int, default=None, help="probe seed in [0, 2**32) (default 0)")

@@ -16,7 +16,7 @@ HESSIANS = ("exact", "low_rank", "gauss_newton", "layer_subset")
 
 @dataclass(frozen=True)
 class HETAConfig:
-    """Configuration of one HETA attribution (defaults are HETA_SPEC's).
+    """Configuration of one HETA attribution (defaults: docs/method.md §4).
 
     beta, gamma: weights of the Hessian and KL terms in ``M * (beta * S + gamma * I)``.
     samples: ``m``, Rademacher probes per context position.
@@ -30,7 +30,7 @@ class HETAConfig:
     memory_budget: bytes the fast backends may use for batched work (None: from free memory).
     retain_heap: on CPU with glibc, the fast backends keep freed heap memory for reuse while they
         run instead of faulting it in again (``heta_fast.allocator``; ~1.5x on the HVPs).
-    hessian: how ``S`` is estimated: ``exact`` (the spec's block probes), ``low_rank`` (a rank
+    hessian: how ``S`` is estimated: ``exact`` (the method's block probes), ``low_rank`` (a rank
         ``hessian_rank`` sketch of the input Hessian), ``gauss_newton`` (``J^T Lambda J`` on the
         ``hessian_topk`` most probable tokens plus the target) or ``layer_subset`` (curvature
         with respect to the residual stream entering the last ``hessian_layers`` layers).

@@ -6,7 +6,7 @@ unembedding (``lm_head``), the semantic-flow rollout products and the value-norm
 ``v W_O``. Norms, activations, softmax, RoPE, masking and reductions are elementwise and are
 left out; on the models here they are a few percent of the total.
 
-Notation (as in ``HETA_SPEC.md``): ``n = t`` context positions, ``T = t + 1`` input rows, the
+Notation (as in ``docs/method.md`` §0): ``n = t`` context positions, ``T = t + 1`` input rows, the
 prediction row ``p = t - 1``, ``m`` probes per position, ``N`` layers, ``H`` heads of size
 ``d_h``, hidden size ``d``, vocabulary ``V``, ``P_lin`` = weight entries of the linear maps a
 row passes through in all decoder layers together.

@@ -1,4 +1,4 @@
-"""KL information impact ``I`` (HETA_SPEC §3), fast path.
+"""KL information impact ``I`` (docs/method.md §3), fast path.
 
 ``I_i = KL(P || Q_i)`` where ``Q_i`` is the next-token distribution at the prediction row ``p``
 with context row ``i`` replaced by the mask. A causal model's rows before ``i`` do not change

@@ -1,4 +1,4 @@
-"""The ``torch`` backend: HETA_SPEC's numbers with only the work they need.
+"""The ``torch`` backend: the numbers of docs/method.md with only the work they need.
 
 One forward over rows ``0 .. p`` serves all three components: its attention probabilities and
 value vectors give ``M``, its last row gives ``P``, and its keys/values are the cached prefix

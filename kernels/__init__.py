@@ -4,7 +4,7 @@
 - ``hvp_block_l1_mean``: ``S`` straight from a batch of HVP results.
 - ``rademacher_triton``: the counter-based probes drawn in-kernel.
 
-Each matches its torch reference (``heta_fast.kl.linear_kl``, ``heta_fast.hessian.block_l1_mean``,
+Each matches its torch reference (``heta_fast.kl.linear_kl``, ``heta_fast.sensitivity.exact.block_l1_mean``,
 ``heta_fast.rng.rademacher``). Importing this package never needs triton: the kernel modules
 load on the first call, which raises ``RuntimeError`` when ``triton_status()`` says the backend
 cannot run. Triton decides on its first import whether kernels are compiled or interpreted

@@ -1,4 +1,4 @@
-"""Hessian sensitivity ``S`` straight from a batch of HVP results (HETA_SPEC §2).
+"""Hessian sensitivity ``S`` straight from a batch of HVP results (docs/method.md §2).
 
 Each program reads one probe's own ``d``-block (in place, through strides, so a ``[B, T, d]``
 batch of whole HVPs is never gathered or copied), sums ``|.|`` in fp32, divides by ``m`` and

@@ -1,4 +1,4 @@
-"""Every component of every backend against an independent computation (HETA_SPEC §1-3).
+"""Every component of every backend against an independent computation (docs/method.md §1-§3).
 
 Independent means: attention probabilities from the model's own ``output_attentions``, value
 vectors caught with this file's hooks on the attention modules, full rollout matrices, the
@@ -178,7 +178,7 @@ def test_windows_average_hand_computed_windows(model, fresh_seed, backend):
     assert torch.equal(got.scores, got.M * (0.5 * got.S + 0.5 * got.I))
 
 
-def test_window_spans_follow_the_spec():
+def test_window_spans_follow_the_method():
     from heta_fast.components import window_spans
 
     assert window_spans(10, None, 0.0) == [(0, 10)]

@@ -1,4 +1,4 @@
-"""What the curvature estimators share: the spec's probes as blocks, batch sizing, ``g`` and the read-out.
+"""What the curvature estimators share: the method's probes as blocks, batch sizing, ``g`` and the read-out.
 
 Every estimator replaces the Hessian ``H`` of ``g(E) = log P[y]`` by a model whose diagonal
 block ``i`` factors as ``U_i C U_i^T`` (``U_i`` ``[d, k]``, ``C`` ``[k, k]`` symmetric), then
@@ -24,7 +24,7 @@ READ_OUT_POSITIONS = 256  # positions per read-out step: the probes of all n at 
 
 def block_probes(seed: int, start: int, stop: int, samples: int, d: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> torch.Tensor:
-    """The spec's probes ``r_{i,k}`` for ``start <= i < stop``, ``k < m``, as blocks: ``[stop - start, m, d]``.
+    """The method's probes ``r_{i,k}`` for ``start <= i < stop``, ``k < m``, as blocks: ``[stop - start, m, d]``.
 
     The same counter-based numbers as the exact path (``heta_fast.rng.rademacher``).
     """

@@ -6,7 +6,7 @@
 
     S_i = (1/m) sum_k || (H^{(s)} r_{i,k})_i ||_1,
 
-the spec's formula with ``E`` replaced by ``h`` and the same probes. The earlier layers are
+the method's formula with ``E`` replaced by ``h`` and the same probes. The earlier layers are
 treated as fixed: ``h`` is computed once (no grad) and becomes the leaf, so each HVP runs
 through ``k`` layers only. The exact path's code (``exact.hessian_sensitivity``) does the HVPs on a view of
 the model whose input is ``h`` (layers before ``s`` removed for the call, and layer ``s`` fed

@@ -6,7 +6,7 @@ reach the logits at ``p``). With a full-support sketch ``Omega`` (``k`` random s
     Y = H Omega,   Q = orth(Y)  (D x k, D = t d),   B = Q^T (H Q),   H ~ Q B Q^T,
 
 that is ``2k`` HVPs through one graph over all ``t`` rows, whatever ``n``. Every block product
-the spec needs is then read from the model, with the spec's own probes:
+the method needs is then read from the model, with the method's own probes:
 
     (H r_{i,k})_i ~ Q_i B Q_i^T r_{i,k},   Q_i = rows of Q in block i (d x k),
 
@@ -30,7 +30,7 @@ def sketch_vectors(seed: int, columns: torch.Tensor, rows: int, d: int, dtype: t
     """Full-support Rademacher sketch vectors ``Omega[:, s]`` for the sketch columns ``s`` given: ``[C, rows, d]``.
 
     Entry ``(s, i, j)`` is ``+1`` when the top bit of ``hash(hash(hash(seed ^ stream) ^ s) ^ i) ^ j``
-    is 0, else ``-1``: a pure function of ``(seed, s, i, j)``, like the spec's probes.
+    is 0, else ``-1``: a pure function of ``(seed, s, i, j)``, like the method's probes.
     """
     base = hash32_int(check_seed(seed) ^ STREAM_SKETCH)
     columns = torch.as_tensor(columns, device=device, dtype=torch.int64).reshape(-1)
