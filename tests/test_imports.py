@@ -13,6 +13,7 @@ with ``ast``, not imported, so a module that needs triton or a GPU is checked to
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,12 @@ def test_find_cycle_names_the_cycle():
     edges = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}
     assert find_cycle(edges) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_package_folder_is_listed_for_installation():
+    """A subpackage missing from pyproject's ``packages`` would be left out of a (non-editable) install."""
+    listed = re.search(r"^packages = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), flags=re.MULTILINE)
+    assert listed, "pyproject.toml has no [tool.setuptools] packages line"
+    packages = set(re.findall(r'"([^"]+)"', listed.group(1)))
+    files = module_files()
+    assert packages == {name for name in files if _is_package(name, files)}
