@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -209,8 +211,6 @@ def sampled_exact_seconds(lm, ids: torch.Tensor, samples: int, seed: int, positi
     alone; ``a + b rows`` is fitted and summed over all ``n`` positions (it ran within a few
     percent of, and above, the real batched run where both were measured).
     """
-    import warnings
-
     E, y, t = lm.embed(ids), int(ids[-1]), ids.numel() - 1
     with torch.no_grad():
         key_values = lm.key_values(lm.hidden(E[None, :t], use_cache=True))
@@ -349,8 +349,6 @@ def rss_status() -> dict:
 
 def peak_of(fn) -> dict:
     """Run ``fn()``; its seconds, RSS before, peak RSS during (``VmHWM``) and the rise."""
-    import gc
-
     gc.collect()
     reset = reset_peak()
     before = rss_status()["VmRSS"]

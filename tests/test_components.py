@@ -12,6 +12,7 @@ import torch
 from helpers import VOCAB, random_ids, rel_err
 
 from heta_fast import HETA, HETAConfig
+from heta_fast.components import window_spans
 from heta_fast.rng import rademacher, unk_vectors
 
 BACKENDS = ["reference", "torch"]
@@ -179,8 +180,6 @@ def test_windows_average_hand_computed_windows(model, fresh_seed, backend):
 
 
 def test_window_spans_follow_the_method():
-    from heta_fast.components import window_spans
-
     assert window_spans(10, None, 0.0) == [(0, 10)]
     assert window_spans(10, 10, 0.0) == [(0, 10)]
     assert window_spans(10, 4, 0.0) == [(0, 4), (4, 8), (6, 10)]

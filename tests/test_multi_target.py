@@ -17,6 +17,7 @@ from helpers import VOCAB, random_ids, rel_err, tiny_gpt2, tiny_llama
 
 from heta_fast import HETA, HETAConfig, kl
 from heta_fast.attribution import Attribution, MultiAttribution
+from heta_fast.model import CausalLM
 from heta_fast.multi_target import components_many, shifted_kl
 from heta_fast.semantic_flow import prediction_rows
 from heta_fast.torch_backend import Ops
@@ -188,8 +189,6 @@ def test_shifted_kl_equals_linear_kl():
 
 def test_per_target_reduction_path_matches_the_grouped_one(model, fresh_seed):
     """The triton backend's route (a fused ``linear_kl`` called per target), with torch's reduction in it."""
-    from heta_fast.model import CausalLM
-
     lm = CausalLM(model)
     ids = random_ids(fresh_seed, 12)
     config = HETAConfig(samples=1, seed=fresh_seed, mask="unk")

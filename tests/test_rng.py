@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_ids
+from helpers import random_ids, rel_err
 
 from heta_fast import HETA
 from heta_fast.rng import hash32, hash32_int, rademacher, unk_vectors
@@ -69,8 +69,6 @@ def test_scores_do_not_depend_on_batch_size(model, fresh_seed):
     one = heta.attribute(ids, samples=2, seed=fresh_seed, memory_budget=1)  # one position per batch
     many = heta.attribute(ids, samples=2, seed=fresh_seed, memory_budget=1 << 30)
     ref = heta.attribute(ids, samples=2, seed=fresh_seed, backend="reference")
-    from helpers import rel_err
-
     for k in ("S", "I", "scores"):
         assert rel_err(getattr(one, k), getattr(many, k)) < 1e-5
         assert rel_err(getattr(one, k), getattr(ref, k)) < 1e-4
