@@ -53,6 +53,7 @@ from benchmarks.bench_smollm import fast_hessian_sampled, growth_exponent
 from benchmarks.common import (
     RESULTS,
     add_curated_argument,
+    check_curated,
     commit,
     curated_examples,
     load_average,
@@ -437,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--memory-kl-stage", action="store_true", help="with --memory: also time I alone")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args(argv)
+    check_curated(parser, args)
     budget = int(args.budget * GiB)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -447,6 +449,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         path = args.out or DEFAULT_OUT.with_name(f"memory_{args.memory}.json")
     else:
         examples = args.examples if args.examples is not None else (20 if args.curated else 0)
+        if examples and args.curated is None:
+            parser.error(f"--examples {examples} needs the curated set: pass --curated PATH (curated_qa_100.json, "
+                         "not shipped) or leave --examples out")
         out = run(examples, args.lengths, args.prompts, args.samples, args.random_samples, args.estimators,
                   args.seed, budget, args.curated, full_m=args.full_samples or None)
         print(format_table(out))

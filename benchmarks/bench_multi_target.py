@@ -34,7 +34,16 @@ from unittest import mock
 
 import torch
 
-from benchmarks.common import RESULTS, add_curated_argument, commit, load_average, machine, prompt_ids, prompt_text
+from benchmarks.common import (
+    RESULTS,
+    add_curated_argument,
+    check_curated,
+    commit,
+    load_average,
+    machine,
+    prompt_ids,
+    prompt_text,
+)
 from heta_fast import HETA, HETAConfig, torch_backend
 from heta_fast.multi_target import components_many
 
@@ -167,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     add_curated_argument(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    check_curated(parser, args)
     figures = run(args.prompt_tokens, args.targets, args.repeats, args.threads, args.curated, args.one_at_a_time)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2) + "\n")

@@ -41,7 +41,16 @@ from unittest import mock
 
 import torch
 
-from benchmarks.common import RESULTS, add_curated_argument, commit, load_average, machine, prompt_ids, prompt_text
+from benchmarks.common import (
+    RESULTS,
+    add_curated_argument,
+    check_curated,
+    commit,
+    load_average,
+    machine,
+    prompt_ids,
+    prompt_text,
+)
 from heta_fast import kl, memory, reference
 from heta_fast.allocator import retained_heap
 from heta_fast.api import HETA
@@ -457,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     add_curated_argument(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     args = parser.parse_args(argv)
+    check_curated(parser, args)
     out = run(lengths=args.lengths, samples=args.samples, backends=args.backends, hvp_sample=args.hvp_sample,
               position_sample=args.position_sample, full_budget=args.full_budget, components=args.components,
               seed=args.seed, curated=args.curated, check_sampling=not args.no_check_sampling, threads=args.threads)

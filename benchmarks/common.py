@@ -64,6 +64,16 @@ def add_curated_argument(parser: argparse.ArgumentParser, required: bool = False
                              + ("" if required else "; default: the prompts in benchmarks/data/prompts.txt"))
 
 
+def check_curated(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Read ``--curated`` once before any model work; a missing or malformed file ends the run with
+    ``parser.error`` (one ``error:`` line, exit code 2), not a traceback after the model has loaded."""
+    if args.curated is not None:
+        try:
+            curated_examples(args.curated)
+        except (OSError, ValueError) as error:
+            parser.error(str(error))
+
+
 def curated_examples(path: Path) -> list[dict]:
     """The examples of the curated QA set at ``path``; ``FileNotFoundError``/``ValueError`` naming the problem."""
     path = Path(path)

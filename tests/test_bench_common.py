@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks import bench_fidelity, bench_multi_target, bench_smollm
 from benchmarks.common import REPO, SHIPPED_PROMPTS, curated_examples, prompt_text
+from heta_fast import HETA
 
 
 def test_without_a_curated_set_the_shipped_prompts_are_used():
@@ -46,3 +47,24 @@ def test_every_script_takes_curated_and_nothing_reads_outside_the_repository(mod
     source = Path(module.__file__).read_text()
     assert "add_curated_argument(parser)" in source
     assert "shared" + "/" not in source and '"shared"' not in source
+
+
+@pytest.mark.parametrize("module", [bench_smollm, bench_fidelity, bench_multi_target])
+def test_a_missing_curated_file_is_one_error_line_before_the_model_loads(module, capsys, monkeypatch):
+    monkeypatch.setattr(HETA, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--curated", "/nonexistent/curated_qa_100.json"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("error: --curated /nonexistent/curated_qa_100.json: no such file. The curated QA set "
+                        "(curated_qa_100.json, from the paper's release) is not shipped with heta_fast; pass the "
+                        "path of your copy")
+
+
+def test_curated_examples_asked_for_without_the_set_are_refused_on_the_command_line(capsys, monkeypatch):
+    monkeypatch.setattr(HETA, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as stop:
+        bench_fidelity.main(["--examples", "3"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: --examples 3 needs the curated set: pass --curated PATH "
+                                                    "(curated_qa_100.json, not shipped) or leave --examples out")
