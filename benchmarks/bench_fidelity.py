@@ -1,19 +1,21 @@
 """Fidelity of the curvature estimators against exact ``S`` on SmolLM2-135M (torch backend).
 
-    python -m benchmarks.bench_fidelity                                  # the full report
-    python -m benchmarks.bench_fidelity --examples 2 --lengths 64 --prompts 1   # a quick run
+    python -m benchmarks.bench_fidelity --curated PATH                   # the full report
+    python -m benchmarks.bench_fidelity --lengths 64 --prompts 1         # a quick run, shipped prompts
     python -m benchmarks.bench_fidelity --estimators low_rank:64 gauss_newton:32 layer_subset:8
     python -m benchmarks.bench_fidelity --memory 1024                    # peak memory, 1,024 tokens
 
 Inputs:
 
-- curated: ``--examples`` examples of ``curated_qa_100.json``, evenly spaced over the file, under
-  HETA_SPEC's protocol (prompt = ``input_text + "\\nAnswer:"``, target = the first token of
+- curated (only with ``--curated PATH``, the paper's ``curated_qa_100.json``, not shipped):
+  ``--examples`` examples (20 by default), evenly spaced over the file, under the protocol of
+  docs/method.md §8 (prompt = ``input_text + "\\nAnswer:"``, target = the first token of
   ``" " + answer`` appended after it), with ``m = --samples``;
-- random: ``--prompts`` windows per length of the curated text joined as one (as in
-  ``bench_smollm``), each starting at a random token offset (seeded), cut to exactly ``n + 1``
-  tokens, the last one the target; ``m = --random-samples`` (2 by default, so that the exact
-  ``S`` at 256 tokens runs in full in minutes; the estimators use the same ``m``).
+- random: ``--prompts`` windows per length of one long text (the curated text joined as one
+  with ``--curated``, else the shipped prompts; as in ``bench_smollm``), each starting at a
+  random token offset (seeded), cut to exactly ``n + 1`` tokens, the last one the target;
+  ``m = --random-samples`` (2 by default, so that the exact ``S`` at 256 tokens runs in full in
+  minutes; the estimators use the same ``m``).
 
 On every input ``M``, ``I`` and exact ``S`` come from the torch backend's own ``components`` (its
 timing of ``S`` is the exact time); each estimator then computes ``S`` alone on the same prefix
@@ -35,33 +37,38 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from benchmarks.bench_smollm import (
-    DATA,
-    _load,
+from benchmarks.bench_smollm import fast_hessian_sampled, growth_exponent
+from benchmarks.common import (
+    RESULTS,
+    add_curated_argument,
+    check_curated,
     commit,
-    fast_hessian_sampled,
-    growth_exponent,
+    curated_examples,
+    load_average,
     machine,
     prompt_ids,
     prompt_text,
 )
-from heta_fast import pipeline
+from heta_fast import kl, pipeline
+from heta_fast.api import HETA
 from heta_fast.config import HETAConfig
 from heta_fast.memory import MemoryBudgetWarning
+from heta_fast.semantic_flow import semantic_flow
 from heta_fast.sensitivity import estimate_sensitivity
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "fidelity.json"
+DEFAULT_OUT = RESULTS / "fidelity.json"
 DEFAULT_ESTIMATORS = ("low_rank:32", "gauss_newton:8", "layer_subset:4")
 PARAMETER = {"low_rank": "hessian_rank", "gauss_newton": "hessian_topk", "layer_subset": "hessian_layers"}
 GiB = 1 << 30
@@ -109,9 +116,9 @@ def quantile(values: Sequence[float], q: float) -> float:
 # -- inputs --------------------------------------------------------------------------------------
 
 
-def curated_inputs(tokenizer, count: int, data: Path = DATA) -> list[tuple[str, torch.Tensor]]:
-    """``count`` curated examples, evenly spaced over the file: ``(id, ids [t + 1])`` each."""
-    examples = json.loads(Path(data).read_text())["examples"]
+def curated_inputs(tokenizer, count: int, curated: Path) -> list[tuple[str, torch.Tensor]]:
+    """``count`` examples of the curated set at ``curated``, evenly spaced over it: ``(id, ids [t + 1])`` each."""
+    examples = curated_examples(curated)
     count = min(count, len(examples))
     picked = [examples[round(j * len(examples) / count)] for j in range(count)] if count else []
     out = []
@@ -206,8 +213,6 @@ def sampled_exact_seconds(lm, ids: torch.Tensor, samples: int, seed: int, positi
     alone; ``a + b rows`` is fitted and summed over all ``n`` positions (it ran within a few
     percent of, and above, the real batched run where both were measured).
     """
-    import warnings
-
     E, y, t = lm.embed(ids), int(ids[-1]), ids.numel() - 1
     with torch.no_grad():
         key_values = lm.key_values(lm.hidden(E[None, :t], use_cache=True))
@@ -219,21 +224,24 @@ def sampled_exact_seconds(lm, ids: torch.Tensor, samples: int, seed: int, positi
 
 def run(examples: int = 20, lengths: Sequence[int] = (64, 128, 256), prompts: int = 3, samples: int = 10,
         random_samples: int = 2, estimators: Sequence[str] = DEFAULT_ESTIMATORS, seed: int = 0,
-        budget: int = 4 * GiB, data: Path = DATA, threads: int | None = None, heta=None,
+        budget: int = 4 * GiB, curated: Path | None = None, threads: int | None = None, heta=None,
         log: Log | None = None, full_m: int | None = 10) -> dict:
     """Run the fidelity comparison and return everything as a dict (see ``format_table``).
 
     full_m: also estimate exact ``S`` seconds at ``m = full_m`` on the first random prompt of each
-    length (by sampling positions), as the spec-default baseline for the speedups (None: skip).
+    length (by sampling positions), as the method's default baseline for the speedups (None: skip).
+    curated: the curated QA set; without it ``examples`` must be 0 and the random prompts are
+    cut from the shipped prompts (``benchmarks.common.prompt_text``).
     """
+    if examples and curated is None:
+        raise ValueError(f"{examples} curated examples asked for, but no curated set given: pass --curated PATH "
+                         "(curated_qa_100.json, not shipped) or --examples 0")
     if threads:
         torch.set_num_threads(threads)
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     for spec in estimators:
         parse_estimator(spec)
     if heta is None:
-        from heta_fast.api import HETA
-
         log("loading SmolLM2-135M-Instruct ...")
         heta = HETA.from_pretrained()
     lm = heta.lm
@@ -242,21 +250,22 @@ def run(examples: int = 20, lengths: Sequence[int] = (64, 128, 256), prompts: in
                  "machine": machine(), "model": getattr(lm.config, "_name_or_path", ""),
                  "estimators": list(estimators), "samples_curated": samples, "samples_random": random_samples,
                  "budget": budget, "seed": seed, "lengths": list(lengths), "prompts": prompts,
-                 "load_average_start": _load(), "sets": {}}
+                 "load_average_start": load_average(), "sets": {}}
     started = time.perf_counter()
     warm = torch.tensor(heta.tokenizer("Warm up the kernels once.", add_special_tokens=False)["input_ids"])
     evaluate(lm, warm, HETAConfig(samples=1, seed=seed), estimators, budget)
-    text, _ = prompt_text(data)
-    sets = [("curated", curated_inputs(heta.tokenizer, examples, data), samples)] if examples else []
+    text, source = prompt_text(curated)
+    out["prompt_source"] = source
+    sets = [("curated", curated_inputs(heta.tokenizer, examples, curated), samples)] if examples else []
     sets += [(f"random n={n}", random_inputs(heta.tokenizer, text, n, prompts, seed), random_samples)
              for n in lengths if prompts]
     for name, inputs, m in sets:
         config = HETAConfig(samples=m, seed=seed)
         rows = []
         for label, ids in inputs:
-            load = _load()
+            load = load_average()
             row = evaluate(lm, ids, config, estimators, budget)
-            row.update(label=label, samples=m, load_average=[load, _load()])
+            row.update(label=label, samples=m, load_average=[load, load_average()])
             rows.append(row)
             log(f"{name} {label} (n={row['n']}, m={m}): exact S {row['exact_seconds']:.1f} s; "
                 + ", ".join(f"{spec} {c['seconds']:.1f} s rho {c['spearman']:.3f} top5 {c['top5']:.1f}"
@@ -271,7 +280,7 @@ def run(examples: int = 20, lengths: Sequence[int] = (64, 128, 256), prompts: in
     out["growth_exponent"] = {
         spec: growth_exponent([n for n, _ in randoms], [s[spec]["seconds_mean"] for _, s in randoms])
         for spec in ("exact", *estimators)} if len(randoms) > 1 else {}
-    out["load_average_end"] = _load()
+    out["load_average_end"] = load_average()
     out["wall_seconds"] = time.perf_counter() - started
     return out
 
@@ -342,8 +351,6 @@ def rss_status() -> dict:
 
 def peak_of(fn) -> dict:
     """Run ``fn()``; its seconds, RSS before, peak RSS during (``VmHWM``) and the rise."""
-    import gc
-
     gc.collect()
     reset = reset_peak()
     before = rss_status()["VmRSS"]
@@ -355,24 +362,20 @@ def peak_of(fn) -> dict:
 
 
 def memory_run(n: int = 1024, estimator: str = "gauss_newton", budget: int = 4 * GiB, samples: int = 10,
-               seed: int = 0, data: Path = DATA, heta=None, log: Log | None = None, kl_stage: bool = False) -> dict:
+               seed: int = 0, curated: Path | None = None, heta=None, log: Log | None = None,
+               kl_stage: bool = False) -> dict:
     """Peak RSS of one ``n``-token attribution (and of its stages alone) under ``memory_budget = budget``.
 
     Stages alone: the shared forward with the semantic flow, ``S``, and (``kl_stage``) ``I``.
     """
-    from heta_fast import kl
-    from heta_fast.semantic_flow import semantic_flow
-
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     if heta is None:
-        from heta_fast.api import HETA
-
         log("loading SmolLM2-135M-Instruct ...")
         heta = HETA.from_pretrained()
     lm = heta.lm
     _, fields = parse_estimator(estimator)
     config = HETAConfig(samples=samples, seed=seed, memory_budget=budget, backend="torch", **fields)
-    text, _ = prompt_text(data)
+    text, _ = prompt_text(curated)
     ids = prompt_ids(heta.tokenizer, text, n)
     E, y = lm.embed(ids), int(ids[-1])
     stages: dict = {}
@@ -398,7 +401,7 @@ def memory_run(n: int = 1024, estimator: str = "gauss_newton", budget: int = 4 *
     attention_bytes = lm.num_layers * lm.num_heads * n * n * 4
     return {"n": n, "estimator": estimator, "budget": budget, "samples": samples, **commit(), "machine": machine(),
             "date": datetime.datetime.now().astimezone().isoformat(), "whole": whole, "stages": stages,
-            "attention_probabilities_bytes": attention_bytes, "load_average": _load()}
+            "attention_probabilities_bytes": attention_bytes, "load_average": load_average()}
 
 
 def format_memory(out: dict) -> str:
@@ -416,7 +419,8 @@ def format_memory(out: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_fidelity", description=__doc__.split("\n")[0])
-    parser.add_argument("--examples", type=int, default=20, help="curated examples (evenly spaced; 0: none)")
+    parser.add_argument("--examples", type=int, default=None,
+                        help="curated examples, evenly spaced (default: 20 with --curated, else none)")
     parser.add_argument("--lengths", type=int, nargs="*", default=[64, 128, 256], help="random-prompt lengths n")
     parser.add_argument("--prompts", type=int, default=3, help="random prompts per length (0: none)")
     parser.add_argument("--samples", type=int, default=10, help="m on the curated examples")
@@ -428,24 +432,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="also estimate exact S seconds at this m on one random prompt per length (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--data", type=Path, default=DATA)
+    add_curated_argument(parser)
     parser.add_argument("--memory", type=int, default=None, metavar="N",
                         help="instead: peak memory of one N-token attribution")
     parser.add_argument("--memory-estimator", default="gauss_newton", help="estimator for --memory")
     parser.add_argument("--memory-kl-stage", action="store_true", help="with --memory: also time I alone")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args(argv)
+    check_curated(parser, args)
     budget = int(args.budget * GiB)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory:
-        out = memory_run(args.memory, args.memory_estimator, budget, args.samples, args.seed, args.data,
+        out = memory_run(args.memory, args.memory_estimator, budget, args.samples, args.seed, args.curated,
                          kl_stage=args.memory_kl_stage)
         print(format_memory(out))
         path = args.out or DEFAULT_OUT.with_name(f"memory_{args.memory}.json")
     else:
-        out = run(args.examples, args.lengths, args.prompts, args.samples, args.random_samples, args.estimators,
-                  args.seed, budget, args.data, full_m=args.full_samples or None)
+        examples = args.examples if args.examples is not None else (20 if args.curated else 0)
+        if examples and args.curated is None:
+            parser.error(f"--examples {examples} needs the curated set: pass --curated PATH (curated_qa_100.json, "
+                         "not shipped) or leave --examples out")
+        out = run(examples, args.lengths, args.prompts, args.samples, args.random_samples, args.estimators,
+                  args.seed, budget, args.curated, full_m=args.full_samples or None)
         print(format_table(out))
         path = args.out or DEFAULT_OUT
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -42,9 +42,10 @@ if not ARGS.smoke and not torch.cuda.is_available():
 
 import heta_fast.kernels as K  # noqa: E402
 
-from heta_fast.hessian import block_l1_mean  # noqa: E402
+from benchmarks.common import commit, load_average, machine  # noqa: E402
 from heta_fast.kl import linear_kl  # noqa: E402
-from heta_fast.probes import rademacher  # noqa: E402
+from heta_fast.rng import rademacher  # noqa: E402
+from heta_fast.sensitivity.exact import block_l1_mean  # noqa: E402
 
 DEVICE = torch.device("cpu" if ARGS.smoke else "cuda")
 REPS = ARGS.reps or (1 if ARGS.smoke else 5 if ARGS.quick else 20)
@@ -241,7 +242,8 @@ def main() -> None:
     rows = bench_kl(peaks) + bench_hvp(peaks) + bench_probes(peaks)
     if ARGS.json:
         with open(ARGS.json, "w") as f:
-            json.dump({"device": name, "peaks": peaks, "rows": rows}, f, indent=1)
+            json.dump({"device": name, **commit(), "machine": machine(), "load_average": load_average(),
+                       "peaks": peaks, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
     python -m benchmarks.bench_multi_target                       # 64-token prompt, 16 targets
     python -m benchmarks.bench_multi_target --prompt-tokens 64 --targets 16 --repeats 5 --out /tmp/m.json
 
-A ``--prompt-tokens`` prompt (curated QA text) is continued greedily by the model for
-``--targets`` tokens; those generated positions are the targets (what ``explain_generation``
-explains). In one process, interleaved ``--repeats`` times, it times the parts that multi-target
+A ``--prompt-tokens`` prompt (the shipped prompts, or the curated QA text with
+``--curated PATH``) is continued greedily by the model for ``--targets`` tokens; those generated
+positions are the targets (what ``explain_generation`` explains). In one process, interleaved
+``--repeats`` times, it times the parts that multi-target
 attribution shares - the forward, the semantic flow and the KL term - for
 
 - all targets together (``pipeline.run``),
@@ -32,11 +33,19 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_smollm import DATA, _load, commit, machine, prompt_ids, prompt_text
+from benchmarks.common import (
+    RESULTS,
+    add_curated_argument,
+    check_curated,
+    commit,
+    load_average,
+    machine,
+    prompt_ids,
+    prompt_text,
+)
 from heta_fast import HETA, HETAConfig, pipeline
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "multi_target.json"
+DEFAULT_OUT = RESULTS / "multi_target.json"
 SHARED = ("forward", "semantic_flow", "kl")
 
 
@@ -63,15 +72,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run(prompt_tokens: int = 64, targets: int = 16, repeats: int = 5, threads: int | None = None,
-        data: Path = DATA, one_at_a_time: bool = False, log=print) -> dict:
-    """Time the shared parts for ``targets`` generated tokens after a ``prompt_tokens`` prompt; a dict of figures."""
+        curated: Path | None = None, one_at_a_time: bool = False, log=print) -> dict:
+    """Time the shared parts for ``targets`` generated tokens after a ``prompt_tokens`` prompt; a dict of figures.
+
+    curated: the curated QA set to cut the prompt from (None: the shipped prompts).
+    """
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
     heta = HETA.from_pretrained()
     load_seconds = time.perf_counter() - start
     config = HETAConfig(samples=1, backend="torch")
-    text, source = prompt_text(data)
+    text, source = prompt_text(curated)
     prompt = prompt_ids(heta.tokenizer, text, prompt_tokens - 1)  # exactly prompt_tokens ids
     ids = torch.tensor(heta.generate(prompt, targets, stop_at_eos=False), dtype=torch.long)
     positions = list(range(prompt_tokens, prompt_tokens + targets))
@@ -95,7 +107,7 @@ def run(prompt_tokens: int = 64, targets: int = 16, repeats: int = 5, threads: i
             samples[name].append(_shared_seconds(timings))
             results[name] = result
         log(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {samples[n][-1]['total']:.2f} s" for n in cases)
-            + f" (load {_load()})")
+            + f" (load {load_average()})")
     medians = {name: {part: statistics.median(s[part] for s in runs) for part in (*SHARED, "total")}
                for name, runs in samples.items()}
 
@@ -134,7 +146,7 @@ def run(prompt_tokens: int = 64, targets: int = 16, repeats: int = 5, threads: i
         "machine": machine(), "git": commit(), "model": "SmolLM2-135M-Instruct (embedded, float32, CPU)",
         "prompt_source": source, "prompt_tokens": prompt_tokens, "targets": positions,
         "generated_ids": ids[prompt_tokens:].tolist(), "samples_m": config.samples, "sensitivity": "excluded",
-        "repeats": repeats, "load_average_after": _load(), "seconds": samples, "median_seconds": medians,
+        "repeats": repeats, "load_average_after": load_average(), "seconds": samples, "median_seconds": medians,
         "ratio_vs_first_target": ratio_first, "ratio_vs_last_target": ratio_last,
         "ratio_vs_single_target_path": ratio_single, "acceptance_max_ratio": 2.0,
         "acceptance_met": ratio_first <= 2.0, "agreement_max_rel_err": agreement,
@@ -155,10 +167,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--one-at-a-time", action="store_true",
                         help="also time every target alone, one after another (slow: about K single runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--data", type=Path, default=DATA)
+    add_curated_argument(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    figures = run(args.prompt_tokens, args.targets, args.repeats, args.threads, args.data, args.one_at_a_time)
+    check_curated(parser, args)
+    figures = run(args.prompt_tokens, args.targets, args.repeats, args.threads, args.curated, args.one_at_a_time)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"wrote {args.out}")

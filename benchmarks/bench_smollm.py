@@ -3,8 +3,9 @@
     python -m benchmarks.bench_smollm                       # 32, 64, 128, 256 tokens, m = 10
     python -m benchmarks.bench_smollm --lengths 32 64 --hvp-sample 0 --out /tmp/smollm.json
 
-For each context length ``n`` both backends explain the same deterministic prompt (text of the
-curated QA set, cut to exactly ``n + 1`` tokens; the last token is the target). Per component it
+For each context length ``n`` both backends explain the same deterministic prompt (the shipped
+prompts, or with ``--curated PATH`` the text of the paper's curated QA set, cut to exactly
+``n + 1`` tokens; the last token is the target). Per component it
 records seconds, the FLOPs ``heta_fast.flops`` counts for that way of working, the achieved
 GFLOP/s, and the fraction of the fp32 matmul peak measured in the same run; then speedups and the
 growth exponent of time in ``n``.
@@ -30,11 +31,8 @@ import contextlib
 import datetime
 import json
 import math
-import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -43,44 +41,34 @@ from unittest import mock
 
 import torch
 
-from heta_fast import hessian, kl, memory, reference
+from benchmarks.common import (
+    RESULTS,
+    add_curated_argument,
+    check_curated,
+    commit,
+    load_average,
+    machine,
+    prompt_ids,
+    prompt_text,
+)
+from heta_fast import kl, memory, reference
 from heta_fast.allocator import retained_heap
+from heta_fast.api import HETA
 from heta_fast.backends import resolve
 from heta_fast.config import HETAConfig
 from heta_fast.flops import ModelSizes, component_flops
 from heta_fast.memory import default_budget
-from heta_fast.probes import rademacher
+from heta_fast.rng import rademacher
+from heta_fast.sensitivity import exact
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / ".." / "shared" / "data" / "curated_qa_100.json"
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "smollm.json"
+DEFAULT_OUT = RESULTS / "smollm.json"
 COMPONENTS = ("forward", "semantic_flow", "hessian", "kl")
 SELECTABLE = ("semantic_flow", "hessian", "kl")  # the fast path's shared forward always runs
-FALLBACK_TEXT = ("Photosynthesis primarily occurs in the leaves of the plant, where chloroplasts capture light "
-                 "energy. The protagonist returns to the village after the winter storm. ")
 
 Log = Callable[[str], None]
 
 
-# -- inputs and machine ------------------------------------------------------------------------
-
-
-def prompt_text(data: Path = DATA) -> tuple[str, str]:
-    """The curated QA examples joined as one long text (and where it came from)."""
-    path = Path(data)
-    if not path.is_file():
-        return FALLBACK_TEXT * 64, "built-in fallback text (curated_qa_100.json not found)"
-    examples = json.loads(path.read_text())["examples"]
-    parts = [f"{e['input_text']}\nAnswer: {e['answer']}" for e in examples]
-    return "\n\n".join(parts), str(path.resolve())
-
-
-def prompt_ids(tokenizer, text: str, n: int) -> torch.Tensor:
-    """Exactly ``n + 1`` token ids (``n`` context tokens and the target): ``[n + 1]``."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) < n + 1:
-        raise ValueError(f"the prompt text has {len(ids)} tokens, fewer than the {n + 1} needed")
-    return torch.tensor(ids[: n + 1], dtype=torch.long)
+# -- machine ----------------------------------------------------------------------------------
 
 
 def matmul_peak(size: int = 2048, repeats: int = 8) -> float:
@@ -94,41 +82,6 @@ def matmul_peak(size: int = 2048, repeats: int = 8) -> float:
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2.0 * size**3 / best / 1e9
-
-
-def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "platform": platform.platform()}
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in lscpu.splitlines():
-            if line.startswith("Model name:"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-    except OSError:
-        info["cpu"] = platform.processor() or "unknown"
-    return info
-
-
-def commit() -> dict:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
-
-    try:
-        status = git("status", "--porcelain", "--untracked-files=no")
-        dirty = [line.split(maxsplit=1)[-1] for line in status.splitlines()]
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(dirty), "dirty_files": dirty}
-    except OSError:
-        return {"commit": "unknown", "dirty": None}
-
-
-def _load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 # -- sampled Hessians --------------------------------------------------------------------------
@@ -174,7 +127,7 @@ def reference_hessian_sampled(lm, E: torch.Tensor, y: int, config: HETAConfig, c
 class _Shifted:
     """A ``CausalLM`` whose prefix cache is ``offset`` positions longer than asked for.
 
-    ``hessian.hessian_sensitivity(_Shifted(lm, i), E[i:], ...)`` then processes position ``i`` of
+    ``exact.hessian_sensitivity(_Shifted(lm, i), E[i:], ...)`` then processes position ``i`` of
     the original input first, on the real cached prefix ``0 .. i - 1`` (same rows, same keys,
     same rotary positions): the fast path's own code, started at position ``i``.
     """
@@ -207,7 +160,7 @@ def fast_position(lm, E: torch.Tensor, y: int, key_values, config: HETAConfig, i
         raise _Stop
 
     def reduce(hvp, positions, n, samples):
-        out = hessian.block_l1_mean(hvp, positions, n, samples)
+        out = exact.block_l1_mean(hvp, positions, n, samples)
         result["S"] = out[0].detach().clone()
         return out
 
@@ -217,7 +170,7 @@ def fast_position(lm, E: torch.Tensor, y: int, key_values, config: HETAConfig, i
     start = time.perf_counter()
     with (contextlib.suppress(_Stop), retained_heap(config.retain_heap, lm.device),
           mock.patch.object(memory, "batch_size", lambda *_args, **_kwargs: 1)):
-        hessian.hessian_sensitivity(_Shifted(lm, i), E[i:], y, key_values, config, budget,
+        exact.hessian_sensitivity(_Shifted(lm, i), E[i:], y, key_values, config, budget,
                                     shifted_probes, reduce, stop)
     return time.perf_counter() - start, result["S"]
 
@@ -311,7 +264,7 @@ def measure_fast(lm, ids: torch.Tensor, config: HETAConfig, components: Sequence
             + ("sampled" if sample_hessian else "full run"))
     patches = []
     if "hessian" not in components or sample_hessian:
-        patches.append(mock.patch.object(hessian, "hessian_sensitivity", _stub(n)))
+        patches.append(mock.patch.object(exact, "hessian_sensitivity", _stub(n)))
     if "kl" not in components:
         patches.append(mock.patch.object(kl, "kl_information", _stub(n)))
     with contextlib.ExitStack() as stack:
@@ -353,7 +306,8 @@ def growth_exponent(lengths: Sequence[int], seconds: Sequence[float]) -> float |
 def run(lengths: Sequence[int] = (32, 64, 128, 256), samples: int = 10,
         backends: Sequence[str] = ("reference", "torch"), hvp_sample: int = 320, position_sample: int = 16,
         full_budget: float = 600.0, components: Sequence[str] = SELECTABLE, seed: int = 0, heta=None,
-        data: Path = DATA, check_sampling: bool = True, threads: int | None = None, log: Log | None = None) -> dict:
+        curated: Path | None = None, check_sampling: bool = True, threads: int | None = None,
+        log: Log | None = None) -> dict:
     """Benchmark the backends on SmolLM2-135M (or ``heta``'s model) and return the results as a dict.
 
     lengths: context sizes ``n``; samples: ``m``; backends: ``reference`` and/or fast ones
@@ -361,8 +315,9 @@ def run(lengths: Sequence[int] = (32, 64, 128, 256), samples: int = 10,
     it (0: all); position_sample: fast-Hessian positions timed when the full run is predicted to
     take more than ``full_budget`` seconds (0: always run all); components: any of
     ``semantic_flow``, ``hessian``, ``kl``; check_sampling: also estimate a fast Hessian that ran
-    in full by sampling, to test the extrapolation; threads: ``torch.set_num_threads`` (None:
-    leave as is). See ``format_table`` for printing.
+    in full by sampling, to test the extrapolation; curated: the curated QA set to cut the
+    prompts from (None: the shipped prompts, ``benchmarks.common.prompt_text``); threads:
+    ``torch.set_num_threads`` (None: leave as is). See ``format_table`` for printing.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -371,13 +326,11 @@ def run(lengths: Sequence[int] = (32, 64, 128, 256), samples: int = 10,
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; choose from {', '.join(SELECTABLE)}")
     if heta is None:
-        from heta_fast.api import HETA
-
         log("loading SmolLM2-135M-Instruct ...")
         heta = HETA.from_pretrained()
     lm = heta.lm
     config = HETAConfig(samples=samples, seed=seed)
-    text, source = prompt_text(data)
+    text, source = prompt_text(curated)
     sizes = ModelSizes.of(lm)
     out: dict = {
         "benchmark": "heta_fast SmolLM2 components", "date": datetime.datetime.now().astimezone().isoformat(),
@@ -385,7 +338,7 @@ def run(lengths: Sequence[int] = (32, 64, 128, 256), samples: int = 10,
         "sizes": sizes.__dict__, "samples": samples, "seed": seed, "prompt_source": source,
         "lengths": list(lengths), "backends": list(backends), "components": list(components),
         "hvp_sample": hvp_sample, "position_sample": position_sample, "full_budget": full_budget,
-        "load_average_start": _load(), "results": [],
+        "load_average_start": load_average(), "results": [],
     }
     started = time.perf_counter()
     log("warming up ...")
@@ -398,7 +351,7 @@ def run(lengths: Sequence[int] = (32, 64, 128, 256), samples: int = 10,
         ids = prompt_ids(heta.tokenizer, text, n)
         for backend in backends:
             log(f"n={n} {backend} ...")
-            load = _load()
+            load = load_average()
             if backend == "reference":
                 measured = measure_reference(lm, ids, config, components, hvp_sample, seed)
             else:
@@ -414,12 +367,12 @@ def run(lengths: Sequence[int] = (32, 64, 128, 256), samples: int = 10,
             row = {"n": n, "backend": backend, "seconds": seconds, "flops": flops, "gflops": rate,
                    "extrapolated": {name: note["label"] for name, note in measured["notes"].items()
                                     if name in COMPONENTS and isinstance(note, dict) and "label" in note},
-                   "notes": measured["notes"], "load_average": [load, _load()]}
+                   "notes": measured["notes"], "load_average": [load, load_average()]}
             out["results"].append(row)
             log("    " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
     out["peak_gflops_end"] = matmul_peak()
     out["peak_gflops"] = max(out["peak_gflops_start"], out["peak_gflops_end"])
-    out["load_average_end"] = _load()
+    out["load_average_end"] = load_average()
     out["wall_seconds"] = time.perf_counter() - started
     for row in out["results"]:
         row["fraction_of_peak"] = {k: v / out["peak_gflops"] for k, v in row["gflops"].items()}
@@ -510,12 +463,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="do not also estimate a fully run fast Hessian by sampling")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", type=Path, default=DATA, help="curated_qa_100.json (the prompt text)")
+    add_curated_argument(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     args = parser.parse_args(argv)
+    check_curated(parser, args)
     out = run(lengths=args.lengths, samples=args.samples, backends=args.backends, hvp_sample=args.hvp_sample,
               position_sample=args.position_sample, full_budget=args.full_budget, components=args.components,
-              seed=args.seed, data=args.data, check_sampling=not args.no_check_sampling, threads=args.threads)
+              seed=args.seed, curated=args.curated, check_sampling=not args.no_check_sampling, threads=args.threads)
     print(format_table(out))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=float) + "\n")

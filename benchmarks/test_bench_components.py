@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from benchmarks import bench_smollm
-from heta_fast import hessian, kl, reference
+from heta_fast import kl, reference
 from heta_fast import semantic_flow as flow
 from heta_fast.backends import resolve
 from heta_fast.config import HETAConfig
 from heta_fast.model import CausalLM
+from heta_fast.sensitivity import exact
 
 N_CONTEXT, SAMPLES = 24, 4
 BUDGET = 1 << 28
@@ -95,7 +96,7 @@ def test_torch_semantic_flow(benchmark, problem):
 
 def test_torch_hessian(benchmark, problem):
     p = problem
-    _run(benchmark, "hessian", lambda: hessian.hessian_sensitivity(p["lm"], p["E"], p["y"], p["key_values"],
+    _run(benchmark, "hessian", lambda: exact.hessian_sensitivity(p["lm"], p["E"], p["y"], p["key_values"],
                                                                    p["config"], BUDGET))
 
 
@@ -116,7 +117,7 @@ def test_torch_end_to_end(benchmark, problem):
 def test_fast_position_is_the_fast_paths_own_work(problem):
     """Position ``i`` run alone on the shifted prefix gives the full fast run's ``S_i``."""
     p = problem
-    full = hessian.hessian_sensitivity(p["lm"], p["E"], p["y"], p["key_values"], p["config"], BUDGET)
+    full = exact.hessian_sensitivity(p["lm"], p["E"], p["y"], p["key_values"], p["config"], BUDGET)
     for i in (0, 7, N_CONTEXT - 1):
         _, S_i = bench_smollm.fast_position(p["lm"], p["E"], p["y"], p["key_values"], p["config"], i)
         torch.testing.assert_close(S_i, full[i], rtol=1e-4, atol=1e-6)

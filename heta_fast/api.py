@@ -16,6 +16,7 @@ import torch
 from heta_fast import backends, pipeline
 from heta_fast.components import Components, Progress, combine, windowed
 from heta_fast.config import HETAConfig
+from heta_fast.embedded import default_model_path
 from heta_fast.memory import check_fits, default_budget
 from heta_fast.model import CausalLM
 from heta_fast.results import Attribution, MultiAttribution
@@ -44,10 +45,8 @@ class HETA:
                         dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> HETA:
         """Load a model and tokenizer with transformers; ``None`` loads the embedded SmolLM2-135M-Instruct."""
         if name_or_path is None:
-            from heta_fast.embedded import default_model_path
-
             name_or_path = default_model_path()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.models.auto import AutoModelForCausalLM, AutoTokenizer  # seconds to import: on use
 
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="eager")

@@ -24,8 +24,6 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 ATTENTION_NAME = "heta_eager"
 GROUPED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -80,6 +78,10 @@ def select(model: nn.Module) -> str:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     if not (hasattr(model, "set_attn_implementation") and config.model_type in GROUPED_FAMILIES and heads != kv_heads):
         return "eager"
+    # transformers' model code takes seconds to import (1.5-9 s each, measured at load 6): load it on use
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.modeling_utils import AttentionInterface  # (as above)
+
     AttentionInterface.register(ATTENTION_NAME, grouped_eager_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
     return ATTENTION_NAME

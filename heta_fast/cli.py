@@ -30,7 +30,11 @@ import typing
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
-from heta_fast import render, results
+import torch
+
+from heta_fast import __version__, render, results
+from heta_fast.api import HETA
+from heta_fast.backends import check
 from heta_fast.config import OPTION_GROUPS, HETAConfig, field_names
 
 # Errors the library raises for bad input; they become `error: ...` and exit code 2.
@@ -190,7 +194,7 @@ class StageProgress:
 def _transformers_output(quiet: bool) -> Iterator[None]:
     """Hide transformers' own loading bars (we draw our own progress), and its warnings too when quiet."""
     try:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # transformers takes seconds to import: on use
     except ImportError:  # transformers is a dependency; missing, the load itself reports it
         yield
         return
@@ -317,7 +321,6 @@ def _check_device(name: str | None) -> None:
     """Fail before the model loads when ``--device`` names nothing usable."""
     if name is None:
         return
-    import torch
 
     try:
         device = torch.device(name)
@@ -355,16 +358,13 @@ def run_attribute(args: argparse.Namespace) -> int:
     _check_output_options(args)
     _check_device(args.device)
     if config.backend == "triton":
-        import torch
 
-        from heta_fast.backends import check
 
         check("triton", torch.device(args.device) if args.device else None)
     _check_model_folder(args.model)
     target = args.target_token if args.target_token is not None else args.target_id
 
     progress = None if args.quiet else StageProgress(sys.stderr)
-    from heta_fast.api import HETA
 
     with _transformers_output(args.quiet):
         if progress:
@@ -413,7 +413,6 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from heta_fast import __version__
 
     parser = _Parser(prog="heta-fast",
                      description="Fast, exact HETA (Hessian-Enhanced Token Attribution) for decoder-only "

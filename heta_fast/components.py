@@ -1,4 +1,4 @@
-"""The three per-token signals and how HETA combines them (HETA_SPEC "Attribution", "windows")."""
+"""The three per-token signals and how HETA combines them (docs/method.md §4, §5)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class Components:
 
     M: torch.Tensor
     S: torch.Tensor
-    I: torch.Tensor  # noqa: E741 - the spec's name
+    I: torch.Tensor  # noqa: E741 - the name in docs/method.md
     timings: dict = field(default_factory=dict)  # seconds per component
 
 

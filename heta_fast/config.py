@@ -6,7 +6,8 @@ import dataclasses
 import difflib
 from dataclasses import dataclass
 
-from heta_fast.probes import check_seed
+from heta_fast.checks import check_int
+from heta_fast.rng import check_seed
 
 MASKS = ("zero", "mean", "unk")
 VALUE_SOURCES = ("attention", "residual")
@@ -14,7 +15,7 @@ BACKENDS = ("auto", "reference", "torch", "triton")
 HESSIANS = ("exact", "low_rank", "gauss_newton", "layer_subset")
 
 # Option groups of the command line, in the order ``--help`` shows them.
-OPTION_GROUPS = {"method": "method (defaults from HETA_SPEC)", "run": "how to run"}
+OPTION_GROUPS = {"method": "method (defaults from docs/method.md §4)", "run": "how to run"}
 
 
 def _option(default, help: str, *, choices: tuple[str, ...] | None = None, type: str | None = None,
@@ -32,7 +33,7 @@ def _option(default, help: str, *, choices: tuple[str, ...] | None = None, type:
 
 @dataclass(frozen=True)
 class HETAConfig:
-    """Configuration of one HETA attribution (defaults are HETA_SPEC's).
+    """Configuration of one HETA attribution (defaults: docs/method.md §4).
 
     beta, gamma: weights of the Hessian and KL terms in ``M * (beta * S + gamma * I)``.
     samples: ``m``, Rademacher probes per context position.
@@ -46,7 +47,7 @@ class HETAConfig:
     memory_budget: bytes the fast backends may use for batched work (None: from free memory).
     retain_heap: on CPU with glibc, the fast backends keep freed heap memory for reuse while they
         run instead of faulting it in again (``heta_fast.allocator``; ~1.5x on the HVPs).
-    hessian: how ``S`` is estimated: ``exact`` (the spec's block probes), ``low_rank`` (a rank
+    hessian: how ``S`` is estimated: ``exact`` (the method's block probes), ``low_rank`` (a rank
         ``hessian_rank`` sketch of the input Hessian), ``gauss_newton`` (``J^T Lambda J`` on the
         ``hessian_topk`` most probable tokens plus the target) or ``layer_subset`` (curvature
         with respect to the residual stream entering the last ``hessian_layers`` layers).
@@ -87,15 +88,15 @@ class HETAConfig:
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
             if not value >= 0:  # also rejects NaN
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        _check_int("samples", self.samples, minimum=1, what="m (samples) must be >= 1")
+        check_int("samples", self.samples, minimum=1, what="m (samples) must be >= 1")
         if self.mask not in MASKS:
             raise ValueError(f"unknown mask {self.mask!r}; expected one of {', '.join(MASKS)}")
         if self.value_source not in VALUE_SOURCES:
             raise ValueError(f"unknown value_source {self.value_source!r}; expected one of {', '.join(VALUE_SOURCES)}")
         if self.layer_subset is not None:
-            _check_int("layer_subset", self.layer_subset, minimum=1, what="layer_subset must be >= 1 (or None)")
+            check_int("layer_subset", self.layer_subset, minimum=1, what="layer_subset must be >= 1 (or None)")
         if self.window_size is not None:
-            _check_int("window_size", self.window_size, minimum=0, what="window_size must be >= 0 (or None)")
+            check_int("window_size", self.window_size, minimum=0, what="window_size must be >= 0 (or None)")
         if isinstance(self.overlap, bool) or not isinstance(self.overlap, (int, float)):
             raise TypeError(f"overlap must be a number, got {type(self.overlap).__name__}")
         if not 0.0 <= self.overlap < 1.0:
@@ -104,14 +105,14 @@ class HETAConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; expected one of {', '.join(BACKENDS)}")
         if self.memory_budget is not None:
-            _check_int("memory_budget", self.memory_budget, minimum=1,
+            check_int("memory_budget", self.memory_budget, minimum=1,
                        what="memory_budget must be a positive byte count")
         if not isinstance(self.retain_heap, bool):
             raise TypeError(f"retain_heap must be a bool, got {type(self.retain_heap).__name__}")
         if self.hessian not in HESSIANS:
             raise ValueError(f"unknown hessian estimator {self.hessian!r}; expected one of {', '.join(HESSIANS)}")
         for name in ("hessian_rank", "hessian_topk", "hessian_layers"):
-            _check_int(name, getattr(self, name), minimum=1, what=f"{name} must be >= 1")
+            check_int(name, getattr(self, name), minimum=1, what=f"{name} must be >= 1")
 
     def replace(self, **changes) -> HETAConfig:
         """A copy with some fields changed (validated again).
@@ -142,10 +143,3 @@ def check_fields(changes: dict) -> None:
         hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     raise TypeError(f"unknown HETAConfig field{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
                     f"valid fields: {', '.join(valid)}")
-
-
-def _check_int(name: str, value, *, minimum: int, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{what}, got {value}")

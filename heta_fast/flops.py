@@ -6,7 +6,7 @@ unembedding (``lm_head``), the semantic-flow rollout products and the value-norm
 ``v W_O``. Norms, activations, softmax, RoPE, masking and reductions are elementwise and are
 left out; on the models here they are a few percent of the total.
 
-Notation (as in ``HETA_SPEC.md``): ``n = t`` context positions, ``T = t + 1`` input rows, the
+Notation (as in ``docs/method.md`` §0): ``n = t`` context positions, ``T = t + 1`` input rows, the
 prediction row ``p = t - 1``, ``m`` probes per position, ``N`` layers, ``H`` heads of size
 ``d_h``, hidden size ``d``, vocabulary ``V``, ``P_lin`` = weight entries of the linear maps a
 row passes through in all decoder layers together.
@@ -60,8 +60,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from heta_fast.config import BACKENDS
+
 COMPONENTS = ("forward", "semantic_flow", "hessian", "kl")
-BACKENDS = ("reference", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,11 @@ def component_flops(lm_or_sizes, n: int, m: int = 10, backend: str = "torch",
                     layer_subset: int | None = None) -> dict[str, float]:
     """FLOPs per component for ``n`` context tokens and ``m`` probes per position.
 
-    lm_or_sizes: a ``CausalLM`` or ``ModelSizes``; backend: ``reference`` or ``torch``
-    (``triton`` counts as ``torch``). Returns ``{"forward", "semantic_flow", "hessian", "kl"}``
-    in FLOPs (floats); the model and its assumptions are in this module's docstring.
+    lm_or_sizes: a ``CausalLM`` or ``ModelSizes``; backend: any of ``HETAConfig``'s backends:
+    ``reference``, or the fast path's work for the others (``triton`` does the torch backend's
+    work with fused kernels, and ``auto`` resolves to one of the two). Returns ``{"forward",
+    "semantic_flow", "hessian", "kl"}`` in FLOPs (floats); the model and its assumptions are in
+    this module's docstring.
     """
     sizes = lm_or_sizes if isinstance(lm_or_sizes, ModelSizes) else ModelSizes.of(lm_or_sizes)
     if backend not in BACKENDS:

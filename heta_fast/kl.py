@@ -1,4 +1,4 @@
-"""KL information impact ``I`` (HETA_SPEC §3), fast path, for one or several targets of one text.
+"""KL information impact ``I`` (docs/method.md §3), fast path, for one or several targets of one text.
 
 ``I_i = KL(P || Q_i)`` where ``Q_i`` is the next-token distribution at the prediction row ``p``
 with context row ``i`` replaced by the mask. A causal model's rows before ``i`` do not change
@@ -15,7 +15,7 @@ import torch
 
 from heta_fast.config import MASKS
 from heta_fast.memory import batch_size, sequence_bytes, warn_if_over
-from heta_fast.probes import unk_vectors
+from heta_fast.rng import unk_vectors
 
 
 def mask_rows(mask: str, embeddings: torch.Tensor, positions: torch.Tensor, seed: int) -> torch.Tensor:

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from heta_fast.attention import select as select_attention
 from heta_fast.attention import stock_attention
@@ -219,6 +218,8 @@ class CausalLM:
         With ``past`` (see ``prefix_cache``) the rows are positions ``past_len ..``.
         """
         if past is None and use_cache:
+            from transformers.cache_utils import DynamicCache  # imported on use: transformers takes seconds to load
+
             # A cache of full-length layers: the model's own cache keeps only the last W - 1
             # positions of a sliding-window layer, and every masked forward and HVP slices this one
             # by absolute position. The window is still applied, by the attention mask.
@@ -243,6 +244,8 @@ class CausalLM:
 
         The forward that consumes it appends to new tensors, so ``key_values`` stay untouched.
         """
+        from transformers.cache_utils import DynamicCache  # imported on use: transformers takes seconds to load
+
         data = [(k[:1, :, :length].expand(batch, -1, -1, -1), v[:1, :, :length].expand(batch, -1, -1, -1))
                 for k, v in key_values]
         return DynamicCache(ddp_cache_data=data)
@@ -311,8 +314,9 @@ def _position_limit(config) -> int | None:
 
 def _check_causal(model) -> None:
     try:
-        from transformers import PreTrainedModel
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        # transformers' model code takes seconds to import (1.5-9 s each, measured at load 6): load it on use
+        from transformers.modeling_utils import PreTrainedModel
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # (as above)
     except ImportError as error:  # pragma: no cover - transformers is a dependency
         raise ImportError("heta_fast needs transformers: pip install transformers") from error
     if not isinstance(model, PreTrainedModel):

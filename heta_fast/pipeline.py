@@ -8,8 +8,9 @@ depend on later rows. With ``T = max t_k`` and prediction rows ``p_k = t_k - 1``
    that every later pass reuses (rows before ``i`` do not change when row ``i`` does); the target
    rows themselves never reach a prediction row, so they are not run;
 2. ``M`` (``semantic_flow.semantic_flows``): all prediction rows are carried down the layers together;
-3. ``S`` (``hessian`` or an estimator): per target, on its rows ``0 .. t_k``, its ``y_k`` and the cache
-   cut to ``t_k`` rows (each target's Hessian is of its own ``log P_k[y_k]``);
+3. ``S`` (``sensitivity``: exact or an estimator, by ``config.hessian``): per target, on its rows
+   ``0 .. t_k``, its ``y_k`` and the cache cut to ``t_k`` rows (each target's Hessian is of its own
+   ``log P_k[y_k]``);
 4. ``I`` (``kl.masked_kl``): masking row ``i`` and running rows ``i .. T - 1`` once gives the masked
    hidden state at every prediction row ``p_k >= i``, so one set of masked forwards serves every
    target (masks ``zero`` and ``unk``; the ``mean`` mask averages a target's own rows, so each
@@ -25,15 +26,15 @@ from dataclasses import dataclass
 
 import torch
 
-from heta_fast import hessian, kl
+from heta_fast import kl
 from heta_fast.allocator import retained_heap
 from heta_fast.components import Components, Progress, timed
 from heta_fast.config import HETAConfig
 from heta_fast.memory import default_budget
 from heta_fast.model import CausalLM
-from heta_fast.probes import rademacher
+from heta_fast.rng import rademacher
 from heta_fast.semantic_flow import semantic_flows
-from heta_fast.sensitivity import estimate_sensitivity
+from heta_fast.sensitivity import block_l1_mean, estimate_sensitivity
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Ops:
     """The hot reductions, swappable for fused kernels (see ``heta_fast.kernels``)."""
 
     linear_kl: object = kl.linear_kl  # (hidden [B,d], weight [V,d], bias, log_p [V]) -> [B]
-    block_l1_mean: object = hessian.block_l1_mean  # (hvp [B,d], positions [B], n, m) -> [n]
+    block_l1_mean: object = block_l1_mean  # (hvp [B,d], positions [B], n, m) -> [n]
     rademacher: object = rademacher  # (seed, positions [B], samples [B], d, dtype, device) -> [B,d]
 
 
@@ -144,12 +145,8 @@ def _run(lm: CausalLM, ids: torch.Tensor, targets: list[int], config: HETAConfig
                 if not sensitivity:
                     S.append(torch.zeros(t))
                     continue
-                E_k, y_k, kv_k = E[:t + 1], int(ids[t]), _cut(key_values, t)
-                if config.hessian == "exact":
-                    S_k = hessian.hessian_sensitivity(lm, E_k, y_k, kv_k, config, budget, ops.rademacher,
-                                                      ops.block_l1_mean, inner)
-                else:
-                    S_k = estimate_sensitivity(lm, E_k, y_k, kv_k, config, budget, inner)
+                S_k = estimate_sensitivity(lm, E[:t + 1], int(ids[t]), _cut(key_values, t), config, budget, inner,
+                                           ops.rademacher, ops.block_l1_mean)
                 S.append(S_k.cpu())
             done += t
     with timed(timings, "kl"):

@@ -1,9 +1,9 @@
-"""The reference backend: HETA_SPEC line by line, plain autograd, one thing at a time.
+"""The reference backend: docs/method.md §1-§3 line by line, plain autograd, one thing at a time.
 
 It keeps the released code's way of working (one forward whose graph is reused for every HVP,
 one masked forward per context token, logits as the model returns them) and is the oracle
-every faster backend is tested against. Read it beside ``HETA_SPEC.md``; the fast modules
-(``semantic_flow``, ``hessian``, ``kl``) use the same names.
+every faster backend is tested against. Read it beside ``docs/method.md``; the fast modules
+(``semantic_flow``, ``sensitivity.exact``, ``kl``) use the same names.
 
 All functions take ``E``: ``[t + 1, d]``, the token embeddings of ``x_0 .. x_{t-1}, y``, so the
 target sits at ``t = T - 1`` and the prediction row is ``p = t - 1``.
@@ -18,7 +18,7 @@ from heta_fast.components import Components, Progress, normalise_flow, timed
 from heta_fast.config import HETAConfig
 from heta_fast.kl import kl_from_log_probs, mask_rows
 from heta_fast.model import CausalLM
-from heta_fast.probes import rademacher
+from heta_fast.rng import rademacher
 
 
 def semantic_flow(lm: CausalLM, E: torch.Tensor, config: HETAConfig) -> torch.Tensor:

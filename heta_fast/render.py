@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from heta_fast.checks import is_int
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -404,7 +406,7 @@ def figure(result: Attribution | MultiAttribution | Aggregation, k: int = 12, in
     reducer ``max`` draws the score alone). MultiAttribution: the targets x context heat map,
     each row over its largest score.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     Figure = figure_class()
     if hasattr(result, "targets"):

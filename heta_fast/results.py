@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from heta_fast import render, spans
+from heta_fast.checks import is_int
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -59,7 +60,7 @@ class Attribution(_Page):
     scores: torch.Tensor
     M: torch.Tensor
     S: torch.Tensor
-    I: torch.Tensor  # noqa: E741 - the spec's name
+    I: torch.Tensor  # noqa: E741 - the name in docs/method.md
     context_tokens: list[str]
     context_ids: list[int]
     target_token: str
@@ -192,7 +193,7 @@ class MultiAttribution(_Page):
     scores: torch.Tensor
     M: torch.Tensor
     S: torch.Tensor
-    I: torch.Tensor  # noqa: E741 - the spec's name
+    I: torch.Tensor  # noqa: E741 - the name in docs/method.md
     context_tokens: list[str]
     context_ids: list[int]
     targets: list[int]
@@ -252,7 +253,7 @@ class MultiAttribution(_Page):
 
     def __getitem__(self, k: int) -> Attribution:
         """The single-target ``Attribution`` of target ``k`` (negative ``k`` counts from the end)."""
-        if isinstance(k, bool) or not isinstance(k, int):
+        if not is_int(k):
             raise TypeError(f"index with an int target number, got {type(k).__name__}")
         if not -len(self) <= k < len(self):
             raise IndexError(f"target {k} out of range for {len(self)} targets")
@@ -349,7 +350,7 @@ class Aggregation:
     scores: torch.Tensor
     M: torch.Tensor
     S: torch.Tensor
-    I: torch.Tensor  # noqa: E741 - the spec's name
+    I: torch.Tensor  # noqa: E741 - the name in docs/method.md
     excluded: list[int]
     special_share: float
     attribution: Attribution

@@ -1,4 +1,4 @@
-"""Semantic transition vector ``M`` (HETA_SPEC §1), fast path.
+"""Semantic transition vector ``M`` (docs/method.md §1), fast path.
 
 The reference multiplies full ``T x T`` rollout matrices per head. Only the prediction row
 ``Phi^{(l,h)} = e_p^T A_hat^{(l)} ... A_hat^{(s)}`` is ever read, so the rows are carried from

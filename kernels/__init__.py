@@ -4,8 +4,8 @@
 - ``hvp_block_l1_mean``: ``S`` straight from a batch of HVP results.
 - ``rademacher_triton``: the counter-based probes drawn in-kernel.
 
-Each matches its torch reference (``heta_fast.kl.linear_kl``, ``heta_fast.hessian.block_l1_mean``,
-``heta_fast.probes.rademacher``). Importing this package never needs triton: the kernel modules
+Each matches its torch reference (``heta_fast.kl.linear_kl``, ``heta_fast.sensitivity.exact.block_l1_mean``,
+``heta_fast.rng.rademacher``). Importing this package never needs triton: the kernel modules
 load on the first call, which raises ``RuntimeError`` when ``triton_status()`` says the backend
 cannot run. Triton decides on its first import whether kernels are compiled or interpreted
 (``TRITON_INTERPRET=1``, CPU tensors), and transformers imports it with its model classes: set
@@ -15,6 +15,10 @@ that variable before importing torch or transformers.
 from __future__ import annotations
 
 import importlib
+
+import torch
+
+from ._common import interpret_enabled
 
 __all__ = ["fused_linear_kl", "hvp_block_l1_mean", "rademacher_triton", "triton_status"]
 
@@ -29,14 +33,10 @@ def triton_status() -> tuple[bool, str]:
         return False, f"triton is not installed ({exc})"
     except Exception as exc:  # a broken install raises all sorts of errors on import
         return False, f"triton failed to import ({type(exc).__name__}: {exc})"
-    from ._common import interpret_enabled
-
     interpret = interpret_enabled()
     if _loaded_interpret is not None and _loaded_interpret != interpret:
         was = "set" if _loaded_interpret else "not set"
         return False, f"the kernels were loaded with TRITON_INTERPRET {was}; it changed since, restart the process"
-    import torch
-
     if not interpret and not torch.cuda.is_available():
         return False, "no CUDA device and TRITON_INTERPRET is not set"
     language = _language_interpreted()
@@ -70,8 +70,6 @@ def _load(module: str):
         raise RuntimeError(f"heta_fast.kernels: the Triton backend cannot run here: {why}")
     mod = importlib.import_module(f".{module}", __name__)
     if _loaded_interpret is None:
-        from ._common import interpret_enabled
-
         _loaded_interpret = interpret_enabled()
     return mod
 
@@ -97,8 +95,6 @@ def rademacher_triton(seed, positions, samples, d, dtype=None, device=None, **kw
 
     See ``heta_fast.kernels.probes.rademacher_triton`` for ``out=``.
     """
-    import torch
-
     mod = _load("probes")
     return mod.rademacher_triton(seed, positions, samples, d, torch.float32 if dtype is None else dtype, device,
                                  **kwargs)

@@ -1,4 +1,4 @@
-"""Hessian sensitivity ``S`` straight from a batch of HVP results (HETA_SPEC §2).
+"""Hessian sensitivity ``S`` straight from a batch of HVP results (docs/method.md §2).
 
 Each program reads one probe's own ``d``-block (in place, through strides, so a ``[B, T, d]``
 batch of whole HVPs is never gathered or copied), sums ``|.|`` in fp32, divides by ``m`` and
@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from heta_fast.hessian import block_l1_mean as block_l1_mean_torch
+from heta_fast.checks import check_int
+from heta_fast.sensitivity.exact import block_l1_mean as block_l1_mean_torch
 
 from ._common import check_device, check_out, next_pow2
 
@@ -53,9 +54,8 @@ def hvp_block_l1_mean(hvp: torch.Tensor, positions: torch.Tensor, n: int, sample
         raise ValueError(f"hvp must be a [B, d] or [B, T, d] tensor, got {getattr(hvp, 'shape', type(hvp))}")
     if hvp.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"hvp must be one of {_FLOAT_DTYPES}, got {hvp.dtype}")
-    for name, value, low in (("n", n, 0), ("samples", samples, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    check_int("n", n, 0)
+    check_int("samples", samples, 1)
     positions = torch.as_tensor(positions)
     if positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:
         raise ValueError(f"positions must be an integer tensor, got {positions.dtype}")

@@ -1,4 +1,4 @@
-"""Fused ``KL(P || softmax(hidden @ weight.T + bias))`` over vocabulary tiles (HETA_SPEC §3).
+"""Fused ``KL(P || softmax(hidden @ weight.T + bias))`` over vocabulary tiles (docs/method.md §3).
 
 The logits of a ``[BLOCK_B, BLOCK_V]`` tile live only in registers: each tile is folded into an
 online log-sum-exp and into the cross term ``sum_v P_v (log P_v - z_v)``, and

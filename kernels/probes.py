@@ -1,4 +1,4 @@
-"""Rademacher probes drawn in-kernel, bit for bit equal to ``heta_fast.probes.rademacher``.
+"""Rademacher probes drawn in-kernel, bit for bit equal to ``heta_fast.rng.rademacher``.
 
 The hash is ``lowbias32`` on uint32 values; Triton's uint32 multiply wraps mod 2**32, which is
 exactly the arithmetic the torch reference emulates with 16-bit halves. The ``@triton.jit``
@@ -12,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from heta_fast.probes import MASK32, STREAM_PROBE, check_seed
-from heta_fast.probes import rademacher as rademacher_torch
+from heta_fast.checks import check_int
+from heta_fast.rng import MASK32, STREAM_PROBE, check_seed
+from heta_fast.rng import rademacher as rademacher_torch
 
 from ._common import check_device, check_out, next_pow2
 
@@ -79,12 +80,11 @@ def rademacher_triton(seed: int, positions, samples, d: int, dtype: torch.dtype 
     """The probes ``r_{i,k}`` restricted to their own block, drawn by a Triton kernel.
 
     positions, samples: int ``[B]``; d: block size. Returns ``[B, d]`` of ``dtype`` with entries in
-    {-1, +1}, equal bit for bit to ``heta_fast.probes.rademacher``. ``device`` defaults to the
+    {-1, +1}, equal bit for bit to ``heta_fast.rng.rademacher``. ``device`` defaults to the
     positions' device. ``out``: optional ``[B, d]`` tensor of ``dtype`` to write into (any strides).
     """
     check_seed(seed)
-    if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-        raise ValueError(f"d must be a non-negative int, got {d!r}")
+    check_int("d", d, 0)
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {_FLOAT_DTYPES}, got {dtype}")
     positions = _as_index("positions", positions, device)

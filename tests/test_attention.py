@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_ids, rel_err, tiny_gpt2, tiny_llama
+from helpers import random_ids, rel_err, tiny_gpt2, tiny_llama
 
 from heta_fast import attention
 from heta_fast.attention import ATTENTION_NAME, stock_attention

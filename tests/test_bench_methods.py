@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_ids, rel_err, tiny_gpt2, tiny_llama
+from helpers import random_ids, rel_err, tiny_gpt2, tiny_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 pytest.importorskip("captum")

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_gpt2
+from helpers import tiny_gpt2
 
 from heta_fast import HETA, Attribution, HETAConfig, cli
 from heta_fast.cli import StageProgress, main, parse_bytes, use_color

@@ -1,4 +1,4 @@
-"""Every component of every backend against an independent computation (HETA_SPEC §1-3).
+"""Every component of every backend against an independent computation (docs/method.md §1-§3).
 
 Independent means: attention probabilities from the model's own ``output_attentions``, value
 vectors caught with this file's hooks on the attention modules, full rollout matrices, the
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, random_ids, rel_err
+from helpers import VOCAB, random_ids, rel_err
 
 from heta_fast import HETA, HETAConfig
-from heta_fast.probes import rademacher, unk_vectors
+from heta_fast.components import window_spans
+from heta_fast.rng import rademacher, unk_vectors
 
 BACKENDS = ["reference", "torch"]
 
@@ -178,9 +179,7 @@ def test_windows_average_hand_computed_windows(model, fresh_seed, backend):
     assert torch.equal(got.scores, got.M * (0.5 * got.S + 0.5 * got.I))
 
 
-def test_window_spans_follow_the_spec():
-    from heta_fast.components import window_spans
-
+def test_window_spans_follow_the_method():
     assert window_spans(10, None, 0.0) == [(0, 10)]
     assert window_spans(10, 10, 0.0) == [(0, 10)]
     assert window_spans(10, 4, 0.0) == [(0, 4), (4, 8), (6, 10)]

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_ids, rel_err
+from helpers import random_ids, rel_err
 
 from heta_fast import HETA
-from heta_fast.probes import rademacher
+from heta_fast.config import HESSIANS, HETAConfig
+from heta_fast.model import CausalLM
+from heta_fast.rng import rademacher
+from heta_fast.sensitivity import ESTIMATORS, estimate_sensitivity
+from heta_fast.sensitivity.exact import hessian_sensitivity
+from heta_fast.sensitivity.low_rank import sketch_vectors
 
 
 def embeddings(model, ids: torch.Tensor) -> torch.Tensor:
@@ -71,8 +76,6 @@ def test_low_rank_with_full_rank_reproduces_exact(model, fresh_seed):
 
 def test_low_rank_matches_explicit_sketch(model, fresh_seed):
     """Rank k < t d: Q = qr(H Omega), B = Q^T H Q built from the explicit Hessian and the same sketch."""
-    from heta_fast.low_rank import sketch_vectors
-
     heta, ids, E, y = setup(model, fresh_seed, 8)
     t, d = E.shape[0] - 1, E.shape[1]
     rank, m, seed = 12, 2, fresh_seed
@@ -97,8 +100,6 @@ def test_low_rank_is_deterministic_in_the_seed(model, fresh_seed):
 
 
 def test_sketch_stream_differs_from_the_probes(fresh_seed):
-    from heta_fast.low_rank import sketch_vectors
-
     sketch = sketch_vectors(fresh_seed, torch.arange(4), 3, 64)  # [s, i, d]
     for s in range(4):
         for i in range(3):
@@ -224,8 +225,6 @@ def test_layer_subset_leaves_the_model_intact(model, fresh_seed):
 
 
 def test_reference_backend_refuses_estimators(model):
-    from heta_fast.config import HETAConfig
-
     with pytest.raises(ValueError, match="exact"):
         HETA(model).attribute(torch.tensor([1, 2, 3]), config=HETAConfig(backend="reference", hessian="low_rank"))
 
@@ -240,3 +239,25 @@ def test_progress_counts_positions_like_exact(model, fresh_seed, hessian):
     assert calls and calls[-1] == (n, n)
     assert all(total == n for _, total in calls)
     assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+
+
+def test_dispatch_table_covers_every_config_choice_and_exact_is_the_exact_path(model, fresh_seed):
+    assert sorted(ESTIMATORS) == sorted(HESSIANS)
+    _, ids, _, _ = setup(model, fresh_seed, 7)
+    lm = CausalLM(model)
+    E = lm.embed(ids)
+    with torch.no_grad():
+        key_values = lm.key_values(lm.hidden(E[None, :-1], use_cache=True))
+    config = HETAConfig(samples=2, seed=fresh_seed)
+    budget = 1 << 28
+    expected = hessian_sensitivity(lm, E, int(ids[-1]), key_values, config, budget)
+    assert torch.equal(estimate_sensitivity(lm, E, int(ids[-1]), key_values, config, budget), expected)
+    with pytest.raises(ValueError, match="unknown hessian estimator 'diagonal'; expected one of exact, low_rank"):
+        estimate_sensitivity(lm, E, int(ids[-1]), key_values, _Unchecked(hessian="diagonal"), budget)
+
+
+class _Unchecked:
+    """A config stand-in that skips ``HETAConfig``'s validation (which refuses unknown estimators first)."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)

@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from conftest import rel_err
+from helpers import rel_err
+from heta_fast.probes import rademacher
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from heta_fast import HETA, backends, families
-from heta_fast.probes import rademacher
 
 VOCAB, WINDOW, CONTEXT, SAMPLES = 97, 4, 11, 2
 TOLERANCE = {"M": 1e-4, "I": 1e-4, "S": 1e-3}
@@ -218,17 +218,17 @@ def test_several_targets_share_the_work_and_match_one_by_one(case):
 
 def test_a_cache_that_keeps_only_the_window_is_caught(monkeypatch):
     """The mutation the matrix exists for: a generation-style cache (last W - 1 positions) fails it."""
-    import heta_fast.model as model_module
+    import transformers.cache_utils as cache_module
 
     model = build("mistral", 3)
     ids = torch.randint(0, VOCAB, (CONTEXT + 1,), generator=torch.Generator().manual_seed(3))
     oracle = explicit(model, ids, 3)
-    real = model_module.DynamicCache
+    real = cache_module.DynamicCache
 
     def generation_cache(*args, **kwargs):
         return real(*args, **kwargs) if args or kwargs else real(config=model.config)
 
-    monkeypatch.setattr(model_module, "DynamicCache", generation_cache)
+    monkeypatch.setattr(cache_module, "DynamicCache", generation_cache)
     err = errors(HETA(model).attribute(ids, backend="torch", samples=SAMPLES, seed=3), oracle)
     assert err["S"] > 10 * TOLERANCE["S"] and err["I"] > 10 * TOLERANCE["I"], err
 

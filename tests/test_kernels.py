@@ -26,9 +26,9 @@ import heta_fast.kernels as K  # noqa: E402
 import triton.language as tl  # noqa: E402
 from heta_fast.kernels.probes import _probe_key, _probe_sign  # noqa: E402
 
-from heta_fast.hessian import block_l1_mean  # noqa: E402
 from heta_fast.kl import linear_kl  # noqa: E402
-from heta_fast.probes import rademacher  # noqa: E402
+from heta_fast.rng import rademacher  # noqa: E402
+from heta_fast.sensitivity.exact import block_l1_mean  # noqa: E402
 
 SEED = int(os.environ.get("HETA_KERNEL_TEST_SEED", random.SystemRandom().randrange(2**31)))
 ON_CPU = K.triton_status()[0] and os.environ.get("TRITON_INTERPRET") not in (None, "0")
@@ -350,14 +350,14 @@ def test_validation_errors():
         (lambda: K.hvp_block_l1_mean(x[:, None].expand(2, 2, 4), torch.tensor([0, 2]), 5, 1), "T=2"),
         (lambda: K.hvp_block_l1_mean(x, torch.tensor([0]), 1, 1), "1 entries for 2 HVP rows"),
         (lambda: K.hvp_block_l1_mean(x, torch.zeros(2), 1, 1), "integer tensor"),
-        (lambda: K.hvp_block_l1_mean(x, torch.tensor([0, 0]), 1, 0), "samples must be an int >= 1"),
+        (lambda: K.hvp_block_l1_mean(x, torch.tensor([0, 0]), 1, 0), "samples must be >= 1, got 0"),
         (lambda: K.hvp_block_l1_mean(x.long(), torch.tensor([0, 0]), 1, 1), "hvp must be one of"),
         (lambda: K.rademacher_triton(0, [0, 1], [0], 4), "differ in shape"),
         (lambda: K.rademacher_triton(0, [-1], [0], 4), r"positions must lie in \[0, 2\*\*32\)"),
         (lambda: K.rademacher_triton(0, [0], [2**32], 4), r"samples must lie in \[0, 2\*\*32\)"),
         (lambda: K.rademacher_triton(-1, [0], [0], 4), r"seed must lie in \[0, 2\*\*32\)"),
         (lambda: K.rademacher_triton(0, [0], [0], 4, torch.int32), "dtype must be one of"),
-        (lambda: K.rademacher_triton(0, [0], [0], -2), "d must be a non-negative int"),
+        (lambda: K.rademacher_triton(0, [0], [0], -2), "d must be >= 0, got -2"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_ids
+from helpers import random_ids
 
 from heta_fast import HETA
 from heta_fast.cli import main

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_ids, tiny_llama
+from helpers import random_ids, tiny_llama
 from memory_probe import peak_bytes
 
 from heta_fast import HETA
+from heta_fast.kl import linear_kl
 from heta_fast.memory import MemoryBudgetWarning, forward_bytes
+from heta_fast.model import CausalLM
+from heta_fast.semantic_flow import semantic_flow
 
 MiB = 1 << 20
 
@@ -44,8 +47,6 @@ def test_linear_kl_chunks_keep_memory_bounded():
     g = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(16, 64, generator=g), torch.randn(50_000, 64, generator=g)
     log_p = torch.log_softmax(torch.randn(50_000, generator=g), -1)
-    from heta_fast.kl import linear_kl
-
     whole = peak_bytes(lambda: linear_kl(hidden, weight, None, log_p))
     chunked = peak_bytes(lambda: linear_kl(hidden, weight, None, log_p, vocab_chunk=1024))
     assert whole > 16 * 50_000 * 8  # the float64 logits are there at once
@@ -55,9 +56,6 @@ def test_linear_kl_chunks_keep_memory_bounded():
 
 def test_semantic_flow_makes_no_copy_of_the_attention():
     """At long inputs the attention of all layers is most of the memory: the flow reads it in place."""
-    from heta_fast.model import CausalLM
-    from heta_fast.semantic_flow import semantic_flow
-
     lm = CausalLM(tiny_llama(1, layers=4))
     n = 192
     E = lm.embed(random_ids(7, n))

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import random_ids, rel_err
+from helpers import random_ids, rel_err
 
 from heta_fast import HETA
 

@@ -13,10 +13,11 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, random_ids, rel_err, tiny_gpt2, tiny_llama
+from helpers import VOCAB, random_ids, rel_err, tiny_gpt2, tiny_llama
 
 from heta_fast import HETA, HETAConfig, kl
 from heta_fast.kl import shifted_kl
+from heta_fast.model import CausalLM
 from heta_fast.pipeline import Ops
 from heta_fast.pipeline import run as components_many
 from heta_fast.results import Attribution, MultiAttribution
@@ -189,8 +190,6 @@ def test_shifted_kl_equals_linear_kl():
 
 def test_per_target_reduction_path_matches_the_grouped_one(model, fresh_seed):
     """The triton backend's route (a fused ``linear_kl`` called per target), with torch's reduction in it."""
-    from heta_fast.model import CausalLM
-
     lm = CausalLM(model)
     ids = random_ids(fresh_seed, 12)
     config = HETAConfig(samples=1, seed=fresh_seed, mask="unk")

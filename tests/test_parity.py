@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import random_ids, rel_err
+from helpers import random_ids, rel_err
 
 from heta_fast import HETA
 
@@ -47,7 +47,7 @@ def test_triton_backend_under_the_interpreter_matches_reference():
         os.environ["TRITON_INTERPRET"] = "1"
         sys.path.insert(0, sys.argv[1])
         import torch
-        from conftest import random_ids, rel_err, tiny_gpt2, tiny_llama
+        from helpers import random_ids, rel_err, tiny_gpt2, tiny_llama
         from heta_fast import HETA
         seed = int(sys.argv[2])
         for build in (tiny_gpt2, tiny_llama):

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import random_ids, rel_err, tiny_gpt2, tiny_llama
+from helpers import random_ids, rel_err, tiny_gpt2, tiny_llama
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation

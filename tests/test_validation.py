@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from helpers import tiny_gpt2, tiny_llama
 
-from heta_fast import HETA, HETAConfig
+from heta_fast import HETA, HETAConfig, backends
 
 
 class _WordTokenizer:
@@ -83,8 +83,6 @@ def test_config_rejects_bad_values_at_construction():
 
 def test_target_backend_triton_without_cuda_is_named(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from heta_fast import backends
-
     ok, why = backends.triton_status(torch.device("cpu"))
     if ok:
         pytest.skip("triton can run here")

@@ -6,12 +6,12 @@ reach the logits at ``p``). With a full-support sketch ``Omega`` (``k`` random s
     Y = H Omega,   Q = orth(Y)  (D x k, D = t d),   B = Q^T (H Q),   H ~ Q B Q^T,
 
 that is ``2k`` HVPs through one graph over all ``t`` rows, whatever ``n``. Every block product
-the spec needs is then read from the model, with the spec's own probes:
+the method needs is then read from the model, with the method's own probes:
 
     (H r_{i,k})_i ~ Q_i B Q_i^T r_{i,k},   Q_i = rows of Q in block i (d x k),
 
-which costs ``O(n m d k)`` flops and no model work. With ``k = D``, ``Q`` is square orthogonal
-and ``Q B Q^T = H`` exactly (up to rounding).
+which costs ``O(n m d k)`` flops and no model work (``common.factored_sensitivity``). With
+``k = D``, ``Q`` is square orthogonal and ``Q B Q^T = H`` exactly (up to rounding).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from heta_fast.components import Progress
-from heta_fast.probes import check_seed, hash32, hash32_int
-from heta_fast.sensitivity import block_probes, target_log_prob, vectors_that_fit
+from heta_fast.rng import check_seed, hash32, hash32_int
+from heta_fast.sensitivity.common import factored_sensitivity, target_log_prob, vectors_that_fit
 
 STREAM_SKETCH = 0x736B6574  # "sket": a stream of its own, so sketch and block probes never coincide
 
@@ -30,7 +30,7 @@ def sketch_vectors(seed: int, columns: torch.Tensor, rows: int, d: int, dtype: t
     """Full-support Rademacher sketch vectors ``Omega[:, s]`` for the sketch columns ``s`` given: ``[C, rows, d]``.
 
     Entry ``(s, i, j)`` is ``+1`` when the top bit of ``hash(hash(hash(seed ^ stream) ^ s) ^ i) ^ j``
-    is 0, else ``-1``: a pure function of ``(seed, s, i, j)``, like the spec's probes.
+    is 0, else ``-1``: a pure function of ``(seed, s, i, j)``, like the method's probes.
     """
     base = hash32_int(check_seed(seed) ^ STREAM_SKETCH)
     columns = torch.as_tensor(columns, device=device, dtype=torch.int64).reshape(-1)
@@ -94,19 +94,6 @@ def low_rank_model(hvp, seed: int, rank: int, t: int, d: int, chunk: int, device
     return Q.reshape(t, d, k), 0.5 * (B + B.T)  # H is symmetric; rounding and the cut make B slightly not
 
 
-def block_sensitivity(Q: torch.Tensor, B: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
-    """``S_i = (1/m) sum_k ||Q_i B Q_i^T r_{i,k}||_1``.
-
-    Q: ``[t, d, k]`` (``t >= n``); B: ``[k, k]``; probes: ``[n, m, d]``. Returns ``[n]`` float32.
-    """
-    n = probes.shape[0]
-    Qn = Q[:n].to(probes.dtype)
-    coeff = torch.einsum("ndk,nmd->nmk", Qn, probes)  # Q_i^T r
-    coeff = coeff @ B.to(probes.dtype)  # B symmetric, so row-vector form is the same product
-    blocks = torch.einsum("ndk,nmk->nmd", Qn, coeff)
-    return blocks.abs().sum(dim=-1).mean(dim=-1).float()
-
-
 def low_rank_sensitivity(lm, E: torch.Tensor, y: int, config, budget: int,
                          progress: Progress | None = None) -> torch.Tensor:
     """``S`` ``[n]`` from the rank-``config.hessian_rank`` model. E: ``[t + 1, d]``; y: target id."""
@@ -115,11 +102,4 @@ def low_rank_sensitivity(lm, E: torch.Tensor, y: int, config, budget: int,
     hvp = InputHessian(lm, E, y)
     Q, B = low_rank_model(hvp, config.seed, config.hessian_rank, t, d, chunk, E.device, E.dtype, progress)
     del hvp
-    # float64 for the read-out: it is cheap and keeps the k = D case within rounding of exact
-    S = torch.zeros(t, dtype=torch.float32, device=E.device)
-    step = 256  # all probes at once would be n m d floats
-    for a in range(0, t, step):
-        b = min(t, a + step)
-        probes = block_probes(config.seed, a, b, config.samples, d, dtype=torch.float64, device=E.device)
-        S[a:b] = block_sensitivity(Q[a:b], B, probes)
-    return S
+    return factored_sensitivity(lambda a, b: Q[a:b], B, t, d, config, E.device)  # U_i = Q_i, C = B

@@ -1,9 +1,11 @@
-"""Hessian sensitivity ``S`` (HETA_SPEC §2), fast path."""
+"""Exact Hessian sensitivity ``S`` (docs/method.md §2), fast path: HVPs with the method's own probes."""
 
 from __future__ import annotations
 
 import torch
 
+from heta_fast.memory import batch_size, sequence_bytes, warn_if_over
+from heta_fast.rng import rademacher
 from heta_fast.second_order import fused_hvps
 
 
@@ -25,7 +27,7 @@ def block_l1_mean(hvp: torch.Tensor, positions: torch.Tensor, n: int, samples: i
 
 @fused_hvps
 def hessian_sensitivity(lm, E: torch.Tensor, y: int, key_values, config, budget: int,
-                        rademacher_fn=None, block_l1_fn=block_l1_mean, progress=None) -> torch.Tensor:
+                        rademacher_fn=rademacher, block_l1_fn=block_l1_mean, progress=None) -> torch.Tensor:
     """``S``: ``[n]``. E: ``[t + 1, d]``; y: target id; key_values: the prefix cache of rows ``0 .. p``.
 
     Only the diagonal block ``H_ii`` meets a probe placed in block ``i``, and ``g`` depends on
@@ -34,10 +36,6 @@ def hessian_sensitivity(lm, E: torch.Tensor, y: int, key_values, config, budget:
     ``a .. p`` (variant ``j`` carries its leaf at row ``j``); variants are independent, so one
     gradient of ``sum_j g_j`` and one batched backward per probe set give every ``H_ii r_{i,k}``.
     """
-    from heta_fast.memory import batch_size, sequence_bytes, warn_if_over
-    from heta_fast.probes import rademacher
-
-    rademacher_fn = rademacher_fn or rademacher
     t, d = E.shape[0] - 1, E.shape[1]
     m = config.samples
     S = torch.zeros(t, dtype=torch.float32, device=E.device)

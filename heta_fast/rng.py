@@ -9,6 +9,9 @@ The mixing function is a 32-bit integer hash (``lowbias32``: xor-shift, multiply
 multiply, xor-shift). In torch it runs on int64 tensors holding values in ``[0, 2**32)``; the
 32-bit products are split into 16-bit halves so that no intermediate exceeds 2**49 (int64
 overflow is undefined in C++, so we never rely on wrap-around).
+
+``kernels/probes.py`` (``heta_fast.kernels.probes``) is this module's Triton twin: the same
+hash and probes drawn inside a kernel, bit for bit equal.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from heta_fast.checks import check_int
 
 MASK32 = 0xFFFFFFFF
 HASH_MUL_1 = 0x7FEB352D
@@ -52,11 +57,8 @@ def hash32_int(x: int) -> int:
 
 
 def check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not 0 <= seed <= MASK32:
-        raise ValueError(f"seed must lie in [0, 2**32), got {seed}")
-    return seed
+    """``seed`` when it is an int in ``[0, 2**32)``, else ``TypeError``/``ValueError``."""
+    return check_int("seed", seed, 0, MASK32, what="seed must lie in [0, 2**32)")
 
 
 def _row_keys(seed: int, stream: int, positions: torch.Tensor, samples: torch.Tensor | None) -> torch.Tensor:

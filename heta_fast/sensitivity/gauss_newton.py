@@ -11,9 +11,11 @@ The estimator keeps the first term only, on the ``K`` most probable tokens plus 
 
 since ``(J^T Lambda J r)_i = J_i^T Lambda J_i r`` for a probe that lives in block ``i``.
 ``J`` for all positions at once is one forward over rows ``0 .. p`` and one backward batched
-over the ``C`` logits; the read-out is ``O(n m C d)`` flops. It drops the curvature of the network
-itself (the second term), so its values are much smaller than exact ``S`` (LEADS: ~80x on
-SmolLM2): the ``beta S`` vs ``gamma I`` balance of the scores changes. It is not rescaled.
+over the ``C`` logits; the read-out (``common.factored_sensitivity``) is ``O(n m C d)`` flops.
+It drops the curvature of the network itself (the second term), so its values are smaller than
+exact ``S`` (BENCHMARKS.md, estimator fidelity on SmolLM2: ``sum S`` is 0.09-0.17 of exact's,
+geometric mean per input set, K = 8): the ``beta S`` vs ``gamma I`` balance of the scores
+changes. It is not rescaled.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from heta_fast.components import Progress
-from heta_fast.sensitivity import block_probes, vectors_that_fit
+from heta_fast.sensitivity.common import factored_sensitivity, vectors_that_fit
 
 
 def logit_set(log_probs: torch.Tensor, y: int, topk: int) -> torch.Tensor:
@@ -60,19 +62,6 @@ def logit_jacobian(lm, E: torch.Tensor, y: int, topk: int, chunk: int) -> tuple[
     return torch.cat(parts), probs
 
 
-def gauss_newton_blocks(J: torch.Tensor, Lam: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
-    """``S_i = (1/m) sum_k ||J_i^T Lambda J_i r_{i,k}||_1``.
-
-    J: ``[C, t, d]`` (``t >= n``); Lam: ``[C, C]``; probes: ``[n, m, d]``. Returns ``[n]`` float32.
-    """
-    n = probes.shape[0]
-    Jn = J[:, :n].to(probes.dtype)
-    coeff = torch.einsum("cnd,nmd->nmc", Jn, probes)  # J_i r
-    coeff = coeff @ Lam.to(probes.dtype)  # Lambda symmetric
-    blocks = torch.einsum("cnd,nmc->nmd", Jn, coeff)
-    return blocks.abs().sum(dim=-1).mean(dim=-1).float()
-
-
 def gauss_newton_sensitivity(lm, E: torch.Tensor, y: int, config, budget: int,
                              progress: Progress | None = None) -> torch.Tensor:
     """``S`` ``[n]`` from ``J^T Lambda J`` on ``config.hessian_topk`` logits (+ the target). E: ``[t + 1, d]``."""
@@ -82,13 +71,7 @@ def gauss_newton_sensitivity(lm, E: torch.Tensor, y: int, config, budget: int,
     Lam = softmax_curvature(probs)
     if progress is not None:
         progress("hessian", t // 2, t)  # J done; positions, like the exact path
-    S = torch.zeros(t, dtype=torch.float32, device=E.device)
-    # the probes for all positions at once would be n m d floats; a few hundred positions at a time
-    step = 256
-    for a in range(0, t, step):
-        b = min(t, a + step)
-        probes = block_probes(config.seed, a, b, config.samples, d, dtype=torch.float64, device=E.device)
-        S[a:b] = gauss_newton_blocks(J[:, a:b], Lam, probes)
+    S = factored_sensitivity(lambda a, b: J[:, a:b].permute(1, 2, 0), Lam, t, d, config, E.device)  # U_i = J_i^T
     if progress is not None:
         progress("hessian", t, t)
     return S

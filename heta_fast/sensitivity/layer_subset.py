@@ -6,9 +6,9 @@
 
     S_i = (1/m) sum_k || (H^{(s)} r_{i,k})_i ||_1,
 
-the spec's formula with ``E`` replaced by ``h`` and the same probes. The earlier layers are
+the method's formula with ``E`` replaced by ``h`` and the same probes. The earlier layers are
 treated as fixed: ``h`` is computed once (no grad) and becomes the leaf, so each HVP runs
-through ``k`` layers only. The exact path's code (``heta_fast.hessian``) does the HVPs on a view of
+through ``k`` layers only. The exact path's code (``exact.hessian_sensitivity``) does the HVPs on a view of
 the model whose input is ``h`` (layers before ``s`` removed for the call, and layer ``s`` fed
 ``h`` as given); the prefix cache of the shared forward serves unchanged, because rows before
 ``i`` of ``h`` and their keys/values do not depend on row ``i``.
@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from heta_fast.components import Progress
+from heta_fast.rng import rademacher
+from heta_fast.sensitivity.exact import block_l1_mean, hessian_sensitivity
 
 
 class _Stop(Exception):
@@ -34,10 +36,12 @@ class _Stop(Exception):
 
 
 def _blocks_attribute(lm) -> str:
-    for name in ("layers", "h"):
-        if isinstance(getattr(lm.backbone, name, None), nn.ModuleList):
+    """The backbone attribute holding the decoder layers that ``CausalLM`` found (``lm.layers``)."""
+    first = lm.layers[0].block
+    for name, child in lm.backbone.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) and child[0] is first:
             return name
-    raise TypeError(f"no decoder layer list on {type(lm.backbone).__name__} (expected .layers or .h)")
+    raise TypeError(f"the decoder layers of {type(lm.backbone).__name__} are not one of its module lists")
 
 
 def _with_hidden_states(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
@@ -108,16 +112,17 @@ class LastLayers:
 
 
 def layer_subset_sensitivity(lm, E: torch.Tensor, y: int, key_values, config, budget: int,
-                             progress: Progress | None = None) -> torch.Tensor:
+                             progress: Progress | None = None, rademacher_fn=rademacher,
+                             block_l1_fn=block_l1_mean) -> torch.Tensor:
     """``S`` ``[n]`` with respect to the residual stream entering the last ``config.hessian_layers`` layers.
 
-    E: ``[t + 1, d]``; key_values: the shared forward's prefix cache of rows ``0 .. p``.
+    E: ``[t + 1, d]``; key_values: the shared forward's prefix cache of rows ``0 .. p``;
+    rademacher_fn, block_l1_fn: as for ``exact.hessian_sensitivity``, which does the HVPs.
     """
-    from heta_fast.hessian import hessian_sensitivity
-
     k = min(config.hessian_layers, lm.num_layers)
     start = lm.num_layers - k
     h = residual_stream(lm, E, start)
     # the exact path reads rows a .. p as E[a:-1]; a placeholder row t keeps its indexing
     h = torch.cat([h, h.new_zeros(1, h.shape[1])])
-    return hessian_sensitivity(LastLayers(lm, start), h, y, key_values, config, budget, progress=progress)
+    return hessian_sensitivity(LastLayers(lm, start), h, y, key_values, config, budget, rademacher_fn, block_l1_fn,
+                               progress)

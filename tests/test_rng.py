@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_ids
+from helpers import random_ids, rel_err
 
 from heta_fast import HETA
 from heta_fast.memory import MemoryBudgetWarning, forward_bytes
-from heta_fast.probes import hash32, hash32_int, rademacher, unk_vectors
+from heta_fast.rng import hash32, hash32_int, rademacher, unk_vectors
 
 
 def test_tensor_hash_equals_integer_hash(fresh_seed):
@@ -72,8 +72,6 @@ def test_scores_do_not_depend_on_batch_size(model, fresh_seed):
         one = heta.attribute(ids, samples=2, seed=fresh_seed, memory_budget=budget)
     many = heta.attribute(ids, samples=2, seed=fresh_seed, memory_budget=1 << 30)
     ref = heta.attribute(ids, samples=2, seed=fresh_seed, backend="reference")
-    from conftest import rel_err
-
     for k in ("S", "I", "scores"):
         assert rel_err(getattr(one, k), getattr(many, k)) < 1e-5
         assert rel_err(getattr(one, k), getattr(ref, k)) < 1e-4

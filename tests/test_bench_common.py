@@ -1,0 +1,70 @@
+"""``benchmarks.common``: a clean clone's benchmarks read only what the repository ships or is given."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_fidelity, bench_multi_target, bench_smollm
+from benchmarks.common import REPO, SHIPPED_PROMPTS, curated_examples, prompt_text
+from heta_fast import HETA
+
+
+def test_without_a_curated_set_the_shipped_prompts_are_used():
+    text, source = prompt_text(None)
+    assert source == "benchmarks/data/prompts.txt" and SHIPPED_PROMPTS.is_relative_to(REPO)
+    assert text == SHIPPED_PROMPTS.read_text() and len(text.split()) > 900  # >= 1,025 tokens for --memory 1024
+
+
+def test_a_curated_set_is_joined_as_question_and_answer_paragraphs(tmp_path: Path):
+    path = tmp_path / "set.json"
+    path.write_text(json.dumps({"examples": [{"input_text": "A <s> B <s> Question: q1?", "answer": "x"},
+                                             {"input_text": "C <s> D <s> Question: q2?", "answer": "y"}]}))
+    text, source = prompt_text(path)
+    assert text == "A <s> B <s> Question: q1?\nAnswer: x\n\nC <s> D <s> Question: q2?\nAnswer: y"
+    assert source == str(path.resolve())
+
+
+def test_a_missing_or_malformed_curated_set_is_named(tmp_path: Path):
+    missing = tmp_path / "curated_qa_100.json"
+    with pytest.raises(FileNotFoundError, match=f"^--curated {missing}: no such file. The curated QA set"):
+        curated_examples(missing)
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=f"^--curated {bad}: not the curated QA set"):
+        curated_examples(bad)
+
+
+def test_curated_examples_without_a_path_fail_before_any_model_work():
+    with pytest.raises(ValueError, match="2 curated examples asked for, but no curated set given: pass --curated"):
+        bench_fidelity.run(examples=2, curated=None, heta=object())
+
+
+@pytest.mark.parametrize("module", [bench_smollm, bench_fidelity, bench_multi_target])
+def test_every_script_takes_curated_and_nothing_reads_outside_the_repository(module):
+    source = Path(module.__file__).read_text()
+    assert "add_curated_argument(parser)" in source
+    assert "shared" + "/" not in source and '"shared"' not in source
+
+
+@pytest.mark.parametrize("module", [bench_smollm, bench_fidelity, bench_multi_target])
+def test_a_missing_curated_file_is_one_error_line_before_the_model_loads(module, capsys, monkeypatch):
+    monkeypatch.setattr(HETA, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--curated", "/nonexistent/curated_qa_100.json"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("error: --curated /nonexistent/curated_qa_100.json: no such file. The curated QA set "
+                        "(curated_qa_100.json, from the paper's release) is not shipped with heta_fast; pass the "
+                        "path of your copy")
+
+
+def test_curated_examples_asked_for_without_the_set_are_refused_on_the_command_line(capsys, monkeypatch):
+    monkeypatch.setattr(HETA, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as stop:
+        bench_fidelity.main(["--examples", "3"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: --examples 3 needs the curated set: pass --curated PATH "
+                                                    "(curated_qa_100.json, not shipped) or leave --examples out")
