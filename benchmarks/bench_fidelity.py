@@ -386,7 +386,7 @@ def memory_run(n: int = 1024, estimator: str = "gauss_newton", budget: int = 4 *
             o = lm.hidden(E[None, :n], output_attentions=True, use_cache=True)
             shared["log_P"] = torch.log_softmax(lm.unembed(o.last_hidden_state[0, -1]).double(), dim=-1)
             shared["kv"] = lm.key_values(o)
-            semantic_flow(lm, o.attentions, values, config.layer_subset)
+            semantic_flow(lm, o.attentions, values, config.flow_layers)
 
     log(f"n={n}: shared forward (attentions kept) + semantic flow ...")
     stages["forward_and_flow"] = peak_of(forward)

@@ -5,7 +5,8 @@
     python -m benchmarks.bench_methods --released PATH --released-entry MODULE:FUNCTION
 
 One process, one model (the embedded SmolLM2-135M-Instruct unless ``--model``), the prompt of
-``bench_smollm`` (the curated QA text cut to ``n + 1`` tokens; the last token is the target).
+``benchmarks.common.prompt_text`` (the shipped prompts, or ``--curated PATH``, cut to ``n + 1`` tokens; the last
+token is the target).
 Each length runs every method ``--repeats`` times, interleaved (method A, B, ..., then again),
 and records the median seconds, the ratio to Captum ``FeatureAblation`` (one masked forward per
 token: the cost of occlusion), the ratio of the released code to heta_fast's exact path, and the
@@ -46,7 +47,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_smollm import DATA, _load, commit, machine, prompt_ids, prompt_text
+from benchmarks.common import (
+    add_curated_argument,
+    check_curated,
+    commit,
+    load_average,
+    machine,
+    prompt_ids,
+    prompt_text,
+)
 from heta_fast import HETA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +155,7 @@ def time_methods(methods: dict[str, Method], ids: torch.Tensor, repeats: int, sk
     out = {name: {"seconds": [], "loads": []} for name in methods if name not in skip}
     for _ in range(repeats):
         for name in out:
-            out[name]["loads"].append(_load())
+            out[name]["loads"].append(load_average())
             start = time.perf_counter()
             methods[name](ids)
             out[name]["seconds"].append(time.perf_counter() - start)
@@ -157,7 +166,7 @@ def time_methods(methods: dict[str, Method], ids: torch.Tensor, repeats: int, sk
 
 
 def run(lengths: Sequence[int] = (32, 64, 128, 256), samples: int = 10, repeats: int = 1, budget: float = 900.0,
-        ig_steps: int = 50, threads: int | None = None, model: str | None = None, data: Path = DATA,
+        ig_steps: int = 50, threads: int | None = None, model: str | None = None, data: Path | None = None,
         released: Path | None = None, released_entry: str | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
@@ -217,16 +226,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--ig-steps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--model", default=None, help="model name or path (default: the embedded SmolLM2)")
-    parser.add_argument("--data", type=Path, default=DATA, help="curated_qa_100.json (the prompt text)")
+    add_curated_argument(parser)
     parser.add_argument("--released", type=Path, default=None, help="a checkout of the released HETA code")
     parser.add_argument("--released-entry", default=None,
                         help="MODULE:FUNCTION in --released called as FUNCTION(model, tokenizer, ids [1, L], t, m)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     args = parser.parse_args(argv)
+    check_curated(parser, args)
     if args.released is not None and not args.released_entry:
         parser.error("--released needs --released-entry MODULE:FUNCTION")
     out = run(args.lengths, args.samples, args.repeats, args.budget, args.ig_steps, args.threads, args.model,
-              args.data, args.released, args.released_entry)
+              args.curated, args.released, args.released_entry)
     print(format_table(out))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")

@@ -8,8 +8,9 @@ For each length the whole fast ``S`` (``hessian.hessian_sensitivity``) runs alte
 model's stock modules (``hessian_sensitivity.__wrapped__``) and with ``heta_fast.second_order``'s
 fused MLP and norm Functions (the decorated function, what the backend runs), ``--repeats`` times
 each, interleaved so that both see the same machine load; medians, their ratio, the load
-average at every run and the relative difference of the two ``S`` go to the JSON. Same prompt as
-``bench_smollm`` (the curated QA text cut to ``n + 1`` tokens), the backend's heap settings.
+average at every run and the relative difference of the two ``S`` go to the JSON. Prompts from
+``benchmarks.common.prompt_text`` (the shipped prompts, or ``--curated PATH``, cut to ``n + 1``
+tokens), the backend's heap settings.
 Each run also records this process's CPU time (``time.process_time``), which a shared machine
 inflates far less than wall time. ``--first-batch`` stops each run after the first batch of
 positions (the longest rows: ``0 .. c - 1`` of ``n``), a sample of the whole for loaded machines.
@@ -28,11 +29,20 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_smollm import DATA, _load, commit, machine, prompt_ids, prompt_text
-from heta_fast import HETA, hessian
+from benchmarks.common import (
+    add_curated_argument,
+    check_curated,
+    commit,
+    load_average,
+    machine,
+    prompt_ids,
+    prompt_text,
+)
+from heta_fast import HETA
 from heta_fast.allocator import retained_heap
 from heta_fast.config import HETAConfig
 from heta_fast.memory import default_budget
+from heta_fast.sensitivity import exact as hessian
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "second_order.json"
@@ -47,7 +57,7 @@ def _stop(_stage: str, _done: int, _total: int) -> None:
 
 
 def run(lengths: Sequence[int] = (64,), samples: int = 10, repeats: int = 3, threads: int | None = None,
-        data: Path = DATA, seed: int = 0, first_batch: bool = False, memory_budget: int | None = None) -> dict:
+        data: Path | None = None, seed: int = 0, first_batch: bool = False, memory_budget: int | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     heta = HETA.from_pretrained()
@@ -72,7 +82,7 @@ def run(lengths: Sequence[int] = (64,), samples: int = 10, repeats: int = 3, thr
         S = {}
         for _ in range(repeats):
             for name, fn in variants.items():
-                loads[name].append(_load())
+                loads[name].append(load_average())
                 reduced: list[torch.Tensor] = []
 
                 def reduce(hvp, positions, count, m, reduced=reduced):
@@ -111,10 +121,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--memory-budget-gib", type=float, default=None,
                         help="fixed batching budget (default: a quarter of free memory, which moves)")
     parser.add_argument("--first-batch", action="store_true", help="time the first batch of positions only")
-    parser.add_argument("--data", type=Path, default=DATA, help="curated_qa_100.json (the prompt text)")
+    add_curated_argument(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     args = parser.parse_args(argv)
-    out = run(args.lengths, args.samples, args.repeats, args.threads, args.data, first_batch=args.first_batch,
+    check_curated(parser, args)
+    out = run(args.lengths, args.samples, args.repeats, args.threads, args.curated, first_batch=args.first_batch,
               memory_budget=None if args.memory_budget_gib is None else int(args.memory_budget_gib * 2**30))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from heta_fast import backends, pipeline
+from heta_fast.checks import is_int
 from heta_fast.components import Components, Progress, combine, windowed
 from heta_fast.config import HETAConfig
 from heta_fast.embedded import default_model_path
@@ -75,7 +76,7 @@ class HETA:
                 ids = list(text_or_ids)
             except TypeError:
                 raise TypeError(f"expected text or token ids, got {type(text_or_ids).__name__}") from None
-        if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        if any(not is_int(i) for i in ids):
             raise TypeError("token ids must be ints")
         if not ids:
             raise ValueError("empty input: no token ids")
@@ -94,7 +95,7 @@ class HETA:
                 raise ValueError(f"target token {target_token!r} is {len(ids)} tokens for this tokenizer; "
                                  "give exactly one token (or its id)")
             return ids[0]
-        if isinstance(target_token, bool) or not isinstance(target_token, int):
+        if not is_int(target_token):
             raise TypeError(f"target_token must be a str or an int id, got {type(target_token).__name__}")
         if not 0 <= target_token < self.lm.vocab_size:
             raise ValueError(f"target token id {target_token} is outside the vocabulary [0, {self.lm.vocab_size})")
@@ -124,7 +125,7 @@ class HETA:
         last = L if target_token is not None else L - 1
         if target_pos is None:
             target_pos = L - 1
-        if isinstance(target_pos, bool) or not isinstance(target_pos, int):
+        if not is_int(target_pos):
             raise TypeError(f"target_pos must be an int, got {type(target_pos).__name__}")
         if L < 2 and target_token is None:
             raise ValueError(f"need at least 2 tokens (a context and a target), got {L}")
@@ -176,7 +177,7 @@ class HETA:
         Stops after an end-of-sequence token when ``stop_at_eos`` (the EOS is kept: it was
         generated). Uses the model's key/value cache, one new row per step.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        if not is_int(max_new_tokens):
             raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

@@ -40,7 +40,7 @@ class HETAConfig:
     mask: how a masked row is replaced for ``I``: ``zero``, ``mean`` or ``unk``.
     value_source: ``attention`` (the value vectors the attention layer computes) or
         ``residual`` (the released code's: raw layer input times the value weight, no bias).
-    layer_subset: use only the last ``layer_subset`` layers for the semantic flow (None: all).
+    flow_layers: use only the last ``flow_layers`` layers for the semantic flow (None: all).
     window_size, overlap: sliding windows over long contexts (None or 0: no windows).
     seed: the counter-based generator's seed, in ``[0, 2**32)``.
     backend: ``auto`` (fastest available), ``reference``, ``torch`` or ``triton``.
@@ -60,8 +60,8 @@ class HETAConfig:
     mask: str = _option("zero", "what replaces a token's embedding for I", choices=MASKS)
     value_source: str = _option("attention", "value vectors for M: 'attention' (what the layer computes) or "
                                 "'residual' (the released code's variant)", choices=VALUE_SOURCES)
-    layer_subset: int | None = _option(None, "semantic flow over the last K layers only (default: all layers)",
-                                       metavar="K")
+    flow_layers: int | None = _option(None, "semantic flow over the last K layers only (default: all layers)",
+                                      metavar="K")
     window_size: int | None = _option(None, "sliding windows of W context tokens for long inputs "
                                       "(default: no windows)", metavar="W")
     overlap: float = _option(0.0, "overlap of consecutive windows, in [0, 1)")
@@ -93,8 +93,8 @@ class HETAConfig:
             raise ValueError(f"unknown mask {self.mask!r}; expected one of {', '.join(MASKS)}")
         if self.value_source not in VALUE_SOURCES:
             raise ValueError(f"unknown value_source {self.value_source!r}; expected one of {', '.join(VALUE_SOURCES)}")
-        if self.layer_subset is not None:
-            check_int("layer_subset", self.layer_subset, minimum=1, what="layer_subset must be >= 1 (or None)")
+        if self.flow_layers is not None:
+            check_int("flow_layers", self.flow_layers, minimum=1, what="flow_layers must be >= 1 (or None)")
         if self.window_size is not None:
             check_int("window_size", self.window_size, minimum=0, what="window_size must be >= 0 (or None)")
         if isinstance(self.overlap, bool) or not isinstance(self.overlap, (int, float)):

@@ -53,7 +53,7 @@ attending to all ``n`` keys) on the cached prefix.
 ``[a, b)`` makes every variant run rows ``a .. p``, so a batch also recomputes rows ``a .. i - 1``
 of variant ``i`` (the rest of a rectangle); that batching waste is **excluded** here, so a
 measured rate computed from these counts is a rate of useful work. ``N_s`` is the number of
-layers the semantic flow uses (``layer_subset``; all by default).
+layers the semantic flow uses (``flow_layers``; all by default).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def forward_flops(sizes: ModelSizes, rows: float, keys: float, head_rows: float)
 
 
 def component_flops(lm_or_sizes, n: int, m: int = 10, backend: str = "torch",
-                    layer_subset: int | None = None) -> dict[str, float]:
+                    flow_layers: int | None = None) -> dict[str, float]:
     """FLOPs per component for ``n`` context tokens and ``m`` probes per position.
 
     lm_or_sizes: a ``CausalLM`` or ``ModelSizes``; backend: any of ``HETAConfig``'s backends:
@@ -119,7 +119,7 @@ def component_flops(lm_or_sizes, n: int, m: int = 10, backend: str = "torch",
     if n < 1 or m < 1:
         raise ValueError(f"need n >= 1 and m >= 1, got n={n}, m={m}")
     s = sizes
-    flow_layers = s.num_layers if layer_subset is None else min(s.num_layers, max(1, layer_subset))
+    flow_layers = s.num_layers if flow_layers is None else min(s.num_layers, max(1, flow_layers))
     norms_per_row = 2.0 * s.num_heads * flow_layers * s.head_dim * s.hidden_size
 
     if backend == "reference":

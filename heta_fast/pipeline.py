@@ -28,6 +28,7 @@ import torch
 
 from heta_fast import kl
 from heta_fast.allocator import retained_heap
+from heta_fast.checks import is_int
 from heta_fast.components import Components, Progress, timed
 from heta_fast.config import HETAConfig
 from heta_fast.memory import default_budget
@@ -68,7 +69,7 @@ def check_targets(targets, length: int) -> list[int]:
     if not targets:
         raise ValueError("targets is empty: give at least one target position")
     for t in targets:
-        if isinstance(t, bool) or not isinstance(t, int):
+        if not is_int(t):
             raise TypeError(f"target positions must be ints, got {t!r} ({type(t).__name__})")
     if length < 2:
         raise ValueError(f"need at least 2 tokens (a context and a target), got {length}")
@@ -127,7 +128,7 @@ def _run(lm: CausalLM, ids: torch.Tensor, targets: list[int], config: HETAConfig
         log_P = torch.log_softmax(lm.unembed(hidden).double(), dim=-1)  # [K, V]
         key_values = lm.key_values(out)
     with timed(timings, "semantic_flow"), torch.no_grad():
-        M = [m.cpu() for m in semantic_flows(lm, out.attentions, values, config.layer_subset, rows)]
+        M = [m.cpu() for m in semantic_flows(lm, out.attentions, values, config.flow_layers, rows)]
     del out, values
     if progress is not None:
         progress("semantic_flow", 1, 1)

@@ -27,7 +27,7 @@ def semantic_flow(lm: CausalLM, E: torch.Tensor, config: HETAConfig) -> torch.Te
     t, p = T - 1, T - 2
     with torch.no_grad(), lm.capture_values(config.value_source) as values, stock_attention():
         attentions = lm.model(inputs_embeds=E[None], output_attentions=True, use_cache=False).attentions
-    first = 0 if config.layer_subset is None else max(0, lm.num_layers - config.layer_subset)
+    first = 0 if config.flow_layers is None else max(0, lm.num_layers - config.flow_layers)
     group = lm.num_heads // lm.num_kv_heads
     eye = torch.eye(T, dtype=torch.float32, device=E.device)
     m = torch.zeros(T, dtype=torch.float32, device=E.device)

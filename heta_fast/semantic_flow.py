@@ -21,9 +21,9 @@ from heta_fast.components import normalise_flow
 from heta_fast.model import CausalLM
 
 
-def flow_layers(lm: CausalLM, layer_subset: int | None) -> range:
-    """The layers the rollout runs over: all, or the last ``layer_subset``."""
-    first = 0 if layer_subset is None else max(0, lm.num_layers - layer_subset)
+def rollout_layers(lm: CausalLM, flow_layers: int | None) -> range:
+    """The layers the rollout runs over: all, or the last ``flow_layers``."""
+    first = 0 if flow_layers is None else max(0, lm.num_layers - flow_layers)
     return range(first, lm.num_layers)
 
 
@@ -84,19 +84,19 @@ def value_norms(lm: CausalLM, values: torch.Tensor, layer: int) -> torch.Tensor:
 
 
 def semantic_flow(lm: CausalLM, attentions: tuple[torch.Tensor, ...], values: list[torch.Tensor],
-                  layer_subset: int | None) -> torch.Tensor:
+                  flow_layers: int | None) -> torch.Tensor:
     """``M``: ``[n]`` from one forward over rows ``0 .. p`` (``n = p + 1``).
 
     attentions: per layer ``[1, H, n, n]``; values: per layer ``[1, n, H_kv, d_h]``.
     """
-    layers = flow_layers(lm, layer_subset)
+    layers = rollout_layers(lm, flow_layers)
     phi = prediction_rows([attentions[layer][0] for layer in layers])  # [Ls, H, n]
     nu = torch.stack([value_norms(lm, values[layer][0].float(), layer) for layer in layers])
     return normalise_flow((phi * nu).sum(dim=(0, 1)))
 
 
 def semantic_flows(lm: CausalLM, attentions: tuple[torch.Tensor, ...], values: list[torch.Tensor],
-                   layer_subset: int | None, rows: Sequence[int]) -> list[torch.Tensor]:
+                   flow_layers: int | None, rows: Sequence[int]) -> list[torch.Tensor]:
     """``M`` of several targets from one forward over rows ``0 .. P - 1``: a list of ``[rows[k] + 1]``.
 
     Target ``k`` predicts from row ``rows[k]`` (its ``p``), so its context is rows
@@ -104,7 +104,7 @@ def semantic_flows(lm: CausalLM, attentions: tuple[torch.Tensor, ...], values: l
     ``[1, P, H_kv, d_h]``. A causal model's attention and values at a row do not depend on later
     rows, so the longest forward serves every target; value norms are computed once.
     """
-    layers = flow_layers(lm, layer_subset)
+    layers = rollout_layers(lm, flow_layers)
     phi = prediction_rows([attentions[layer][0] for layer in layers], rows)  # [Ls, H, K, P]
     nu = torch.stack([value_norms(lm, values[layer][0].float(), layer) for layer in layers])  # [Ls, H, P]
     m = (phi * nu[:, :, None]).sum(dim=(0, 1))  # [K, P]

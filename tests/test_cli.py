@@ -351,7 +351,7 @@ def _assert_one_line_error(code: int, out: str, err: str, *words: str) -> None:
     ([TEXT, "-m", "two"], ["--samples", "two"]),
     ([TEXT, "--overlap", "1.5"], ["overlap"]),
     ([TEXT, "--seed", "-3"], ["seed"]),
-    ([TEXT, "--layer-subset", "0"], ["layer_subset"]),
+    ([TEXT, "--flow-layers", "0"], ["flow_layers"]),
     ([TEXT, "--memory-budget", "lots"], ["byte count", "lots"]),
     ([TEXT, "--target-pos", "0"], ["target position", ">= 1"]),
     ([TEXT, "--top", "0"], ["--top"]),

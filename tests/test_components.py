@@ -119,11 +119,11 @@ def explicit_information(model, E: torch.Tensor, mask: str, seed: int) -> torch.
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("source", ["attention", "residual"])
-@pytest.mark.parametrize("layer_subset", [None, 2])
-def test_semantic_flow_matches_explicit_rollout(model, fresh_seed, backend, source, layer_subset):
+@pytest.mark.parametrize("flow_layers", [None, 2])
+def test_semantic_flow_matches_explicit_rollout(model, fresh_seed, backend, source, flow_layers):
     ids = random_ids(fresh_seed, 11)
-    a = HETA(model).attribute(ids, samples=1, backend=backend, value_source=source, layer_subset=layer_subset)
-    expected = explicit_flow(model, embeddings(model, ids), source, layer_subset)
+    a = HETA(model).attribute(ids, samples=1, backend=backend, value_source=source, flow_layers=flow_layers)
+    expected = explicit_flow(model, embeddings(model, ids), source, flow_layers)
     assert rel_err(a.M, expected) < 1e-5
     assert abs(float(a.M.sum()) - 1) < 1e-5
 

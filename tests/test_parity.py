@@ -32,10 +32,10 @@ def test_torch_matches_reference_on_tiny_models(model, fresh_seed, mask):
     assert_parity(heta.attribute(ids, backend="torch", **options), heta.attribute(ids, backend="reference", **options))
 
 
-def test_torch_matches_reference_with_windows_and_layer_subset(model, fresh_seed):
+def test_torch_matches_reference_with_windows_and_flow_layers(model, fresh_seed):
     heta = HETA(model)
     ids = random_ids(fresh_seed, 20)
-    options = dict(samples=2, seed=fresh_seed, window_size=8, overlap=0.25, layer_subset=1, value_source="residual")
+    options = dict(samples=2, seed=fresh_seed, window_size=8, overlap=0.25, flow_layers=1, value_source="residual")
     assert_parity(heta.attribute(ids, backend="torch", **options), heta.attribute(ids, backend="reference", **options))
 
 

@@ -59,7 +59,7 @@ IDS = [3, 1, 4, 1, 5, 9]
     (lambda h: h.attribute(IDS, overlap=1.0), ValueError, "overlap must lie in [0, 1)"),
     (lambda h: h.attribute(IDS, overlap=-0.2), ValueError, "overlap must lie in [0, 1)"),
     (lambda h: h.attribute(IDS, window_size=-3), ValueError, "window_size must be >= 0"),
-    (lambda h: h.attribute(IDS, layer_subset=0), ValueError, "layer_subset must be >= 1"),
+    (lambda h: h.attribute(IDS, flow_layers=0), ValueError, "flow_layers must be >= 1"),
     (lambda h: h.attribute(IDS, value_source="keys"), ValueError, "unknown value_source 'keys'"),
     (lambda h: h.attribute(IDS, seed=-1), ValueError, "seed must lie in [0, 2**32)"),
     (lambda h: h.attribute(IDS, seed=2**32), ValueError, "seed must lie in [0, 2**32)"),
