@@ -1,13 +1,13 @@
 """The Ray engine: the same job on Ray Data, one ``HETA`` per actor.
 
 The input is read with ``ray.data`` (``read_json``/``read_csv``/``read_parquet``,
-``from_huggingface``, ``from_items``), rows already in the output are filtered out, and
-``map_batches`` sends batches to a pool of ``actors`` actors. Each actor loads the model once
-(``model`` path or ``model_factory``, called inside the actor, so the factory must be
-picklable), sets ``threads`` torch threads (or holds ``gpus`` GPUs), sorts its batch by length
-and runs the local engine's ``RowRunner`` on it, so its records are the local engine's. The
-driver receives the records and appends them with the same ``RecordWriter``: one writer, the
-same atomic rows and the same resume, whether the actors run here or on a cluster.
+``from_huggingface``, ``from_items``) and ``map_batches`` sends batches to a pool of ``actors``
+actors. Each actor loads the model once (``model`` path or ``model_factory``, called inside the
+actor, so the factory must be picklable), sets ``threads`` torch threads (or holds ``gpus``
+GPUs), drops the rows already in the output, sorts the rest by length and runs the local
+engine's ``RowRunner`` on them, so its records are the local engine's. The driver receives the
+records and appends them with the same ``RecordWriter``: one writer, the same atomic rows and
+the same resume, whether the actors run here or on a cluster.
 
 Failures: an actor that dies (a killed process, a lost node) is restarted by Ray
 (``max_restarts``) and its unfinished batch retried (``max_task_retries``). A retried batch can
@@ -52,14 +52,15 @@ class _Worker:
     """One actor: one ``HETA``; a batch of input rows -> a batch of records (JSON text)."""
 
     def __init__(self, model: str | None, model_factory: ModelFactory | None, config: dict, columns: dict,
-                 threads: int, device: str | None):
+                 threads: int, device: str | None, done: frozenset[str]):
         if threads:
             torch.set_num_threads(threads)
         heta = build_heta(model, model_factory, device)
         self.runner = RowRunner(heta, HETAConfig(**config), io.Columns(**columns))
+        self.done = done  # ids already in the output: skipped here rather than in a separate filter stage
 
     def __call__(self, batch) -> dict:
-        rows = batch.to_pylist()
+        rows = [row for row in batch.to_pylist() if io.row_id(row, self.runner.columns) not in self.done]
         prepared, records = [], []
         for row in rows:
             try:
@@ -113,20 +114,21 @@ def run_ray(source: Any, writer: io.RecordWriter, *, model: str | None, model_fa
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # our own bar counts rows written
-        ds = read_dataset(ray, source, columns)
+        # Materialised before the actors start: the actors may hold every CPU of the instance
+        # (2 actors on num_cpus=2), and read tasks queued behind them would never run.
+        ds = read_dataset(ray, source, columns).materialize()
         ids = io.check_ids(ds.select_columns([columns.id]).take_all(), columns)
         done = frozenset(writer.done)
         report.skipped = sum(key in done for key in ids)
         total = len(ids) - report.skipped
         if total == 0:
             return
-        id_column = columns.id
-        todo = ds.filter(lambda row: io.row_id(row, io.Columns(id=id_column)) not in done)
-        out = todo.map_batches(
-            _Worker, batch_format="pyarrow", batch_size=batch_size, concurrency=actors,
+        out = ds.map_batches(
+            _Worker, batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=max(threads, 1) if not gpus else None, num_gpus=gpus or None,
             fn_constructor_kwargs={"model": model, "model_factory": model_factory, "config": config.to_dict(),
-                                   "columns": _columns_dict(columns), "threads": threads, "device": device},
+                                   "columns": _columns_dict(columns), "threads": threads, "device": device,
+                                   "done": done},
             max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
         bar = progress_bar(total, quiet)
         try:
