@@ -229,7 +229,8 @@ def progress_bar(total: int, quiet: bool, unit: str = "row"):
 def run_local(rows: list[dict], writer: io.RecordWriter, heta: HETA, config: HETAConfig, columns: io.Columns,
               report: JobReport, quiet: bool) -> None:
     """Every row whose id is not yet in the output: prepared (tokenised), sorted by length, run,
-    written. Rows whose preparation fails are written as errors first."""
+    written. Rows whose preparation fails are written as errors first. The input rows and their
+    token ids are held in memory (text only); results go to disk as they are made."""
     runner = RowRunner(heta, config, columns)
     pending = [row for row in rows if io.row_id(row, columns) not in writer.done]
     report.skipped = len(rows) - len(pending)
@@ -241,8 +242,8 @@ def run_local(rows: list[dict], writer: io.RecordWriter, heta: HETA, config: HET
                 prepared.append(runner.prepare(row))
             except Exception as exc:  # noqa: BLE001 - a bad row becomes its error record
                 _write(writer, io.error_record(io.row_id(row, columns), exc), report, bar)
-        # Similar lengths back to back: the fast path's batch sizes and buffers repeat from one row
-        # to the next, so the retained heap (allocator.py) serves them without new page faults.
+        # Similar lengths back to back: the fast path's batch sizes and buffer shapes then change
+        # little from one row to the next (the gain is not measured separately; see BENCHMARKS.md).
         prepared.sort(key=lambda p: p.length)
         for item in prepared:
             try:
