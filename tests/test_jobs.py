@@ -380,3 +380,22 @@ def test_command_line_bad_input_is_one_error_line(tmp_path, capsys):
 def test_columns_of_rejects_bad_names():
     with pytest.raises(TypeError, match="column name for 'text' must be a non-empty str, got ''"):
         Columns.of({"text": ""})
+
+
+def test_model_factory_and_heta_instance_give_the_same_records(tmp_path, tiny_model, heta, fresh_seed):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = random_rows(fresh_seed, 4)
+
+    def factory():
+        return (AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager"),
+                AutoTokenizer.from_pretrained(tiny_model))
+
+    results = {}
+    for name, kwargs in {"path": {"model": tiny_model}, "factory": {"model_factory": factory},
+                         "instance": {"model": heta}}.items():
+        attribute_dataset(rows, tmp_path / f"{name}.jsonl", config=CONFIG, quiet=True, **kwargs)
+        results[name] = {k: stable(v) for k, v in by_id(tmp_path / f"{name}.jsonl").items()}
+    assert results["factory"] == results["path"] and results["instance"] == results["path"]
+    with pytest.raises(ValueError, match="engine 'ray' loads the model in each actor: pass a model path"):
+        attribute_dataset(rows, tmp_path / "ray.jsonl", model=heta, engine="ray")
