@@ -32,7 +32,7 @@ def attribute_dataset(source: Any, out: str | os.PathLike, *, model: str | HETA 
                       model_factory: ModelFactory | None = None, config: HETAConfig | None = None,
                       columns: Columns | Mapping[str, str] | None = None, format: str | None = None,
                       engine: str = "local", retry_errors: bool = False, quiet: bool = False,
-                      device: str | None = None, actors: int = 2, threads: int = 1, gpus: float = 0,
+                      device: str | None = None, actors: int = 2, threads: int = 1, gpus: float | None = None,
                       address: str | None = None, batch_size: int = 8, **overrides) -> JobReport:
     """Attribute every row of ``source`` and append one record per row to ``out``.
 
@@ -53,7 +53,8 @@ def attribute_dataset(source: Any, out: str | os.PathLike, *, model: str | HETA 
     rows again. Each record is written whole (one line, flushed and fsynced) before the next row.
 
     engine: ``local`` (this process) or ``ray``: ``actors`` actors of ``threads`` torch threads
-    (or ``gpus`` GPUs) each, on the cluster at ``address`` or a local Ray instance; rows go to
+    (or ``gpus`` GPUs; ``None``: one GPU per actor when the Ray cluster has a GPU for each actor,
+    none otherwise) each, on the cluster at ``address`` or a local Ray instance; rows go to
     actors ``batch_size`` at a time. quiet: no progress bar and no summary line on stderr.
 
     Returns a ``JobReport`` with the counts of rows done, skipped and failed.
@@ -83,8 +84,8 @@ def attribute_dataset(source: Any, out: str | os.PathLike, *, model: str | HETA 
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if value < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus < 0:
-        raise ValueError(f"gpus must be a number >= 0, got {gpus!r}")
+    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus < 0):
+        raise ValueError(f"gpus must be a number >= 0 (or None), got {gpus!r}")
     if fmt == "parquet" or (not isinstance(source, list) and str(source).lower().endswith((".parquet", ".pq"))):
         io._pyarrow_parquet()
     if engine == "ray":

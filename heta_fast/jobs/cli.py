@@ -64,7 +64,8 @@ def add_parser(subparsers) -> None:
                      help="run rows again whose earlier attempt left an error record (default: skip them)")
     run.add_argument("--actors", type=int, default=2, help="ray: number of actors, one model each (default 2)")
     run.add_argument("--threads-per-actor", type=int, default=1, help="ray: torch threads per actor (default 1)")
-    run.add_argument("--gpus-per-actor", type=float, default=0, help="ray: GPUs per actor (default 0)")
+    run.add_argument("--gpus-per-actor", type=float, default=None,
+                     help="ray: GPUs per actor (default: 1 when the cluster has a GPU for every actor, else 0)")
     run.add_argument("--address", default=None,
                      help="ray: the cluster to join (e.g. auto or ray://head:10001); default: a local instance")
     run.add_argument("--batch-size", type=int, default=8, help="ray: rows per batch sent to an actor (default 8)")

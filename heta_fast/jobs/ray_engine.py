@@ -103,7 +103,7 @@ def _csv_header(path: str) -> list[str]:
 
 def run_ray(source: Any, writer: io.RecordWriter, *, model: str | None, model_factory: ModelFactory | None,
             config: HETAConfig, columns: io.Columns, report: JobReport, quiet: bool, actors: int, threads: int,
-            gpus: float, address: str | None, batch_size: int, device: str | None) -> None:
+            gpus: float | None, address: str | None, batch_size: int, device: str | None) -> None:
     """Run the job's remaining rows on Ray and append their records with ``writer``."""
     ray = import_ray()
     started = not ray.is_initialized()
@@ -123,6 +123,10 @@ def run_ray(source: Any, writer: io.RecordWriter, *, model: str | None, model_fa
         total = len(ids) - report.skipped
         if total == 0:
             return
+        if gpus is None:  # one GPU per actor where the cluster has enough, CPU threads otherwise
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= actors else 0
+        if gpus and device is None:
+            device = "cuda"
         out = ds.map_batches(
             _Worker, batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=max(threads, 1) if not gpus else None, num_gpus=gpus or None,
