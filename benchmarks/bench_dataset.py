@@ -60,13 +60,13 @@ class PeakSampler(threading.Thread):
 
     def __init__(self, interval: float = 0.2):
         super().__init__(daemon=True)
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.interval, self.peak, self._halt = interval, 0, threading.Event()
 
     def run(self) -> None:
         import psutil
 
         me = psutil.Process()
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             for proc in me.children(recursive=True):
                 try:
                     if "MapWorker" in " ".join(proc.cmdline()):
@@ -76,7 +76,7 @@ class PeakSampler(threading.Thread):
             time.sleep(self.interval)
 
     def stop(self) -> int:
-        self._stop.set()
+        self._halt.set()
         self.join()
         return self.peak
 
