@@ -55,8 +55,9 @@ from benchmarks.bench_smollm import (
     prompt_ids,
     prompt_text,
 )
-from heta_fast import torch_backend
+from heta_fast import pipeline
 from heta_fast.config import HETAConfig
+from heta_fast.memory import MemoryBudgetWarning
 from heta_fast.sensitivity import estimate_sensitivity
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +152,7 @@ def evaluate(lm, ids: torch.Tensor, config: HETAConfig, estimators: Sequence[str
 
     ids: ``[t + 1]``. Returns per-estimator seconds, Spearman, top-5 and scale, and exact's seconds.
     """
-    exact = torch_backend.components(lm, ids, config.replace(hessian="exact"))
+    exact = pipeline.components(lm, ids, config.replace(hessian="exact"))
     M, S0, I = exact.M.double(), exact.S.double(), exact.I.double()
     scores0 = M * (config.beta * S0 + config.gamma * I)
     E, y, t = lm.embed(ids), int(ids[-1]), ids.numel() - 1
@@ -211,7 +212,7 @@ def sampled_exact_seconds(lm, ids: torch.Tensor, samples: int, seed: int, positi
     with torch.no_grad():
         key_values = lm.key_values(lm.hidden(E[None, :t], use_cache=True))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)  # it runs positions one by one on purpose
+        warnings.simplefilter("ignore", MemoryBudgetWarning)  # it runs positions one by one on purpose
         out = fast_hessian_sampled(lm, E, y, key_values, HETAConfig(samples=samples, seed=seed), positions)
     return {"estimate": out["estimate"], "samples": samples, "label": out["label"]}
 

@@ -8,7 +8,7 @@ A ``--prompt-tokens`` prompt (curated QA text) is continued greedily by the mode
 explains). In one process, interleaved ``--repeats`` times, it times the parts that multi-target
 attribution shares - the forward, the semantic flow and the KL term - for
 
-- all targets together (``multi_target.components_many``),
+- all targets together (``pipeline.run``),
 - the first target alone and the last target alone, through the same function,
 - the first target alone through the single-target torch backend (``attribute``'s path), as a
   check that the multi-target code costs nothing extra for one target.
@@ -29,13 +29,11 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from unittest import mock
 
 import torch
 
 from benchmarks.bench_smollm import DATA, _load, commit, machine, prompt_ids, prompt_text
-from heta_fast import HETA, HETAConfig, torch_backend
-from heta_fast.multi_target import components_many
+from heta_fast import HETA, HETAConfig, pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "multi_target.json"
@@ -50,18 +48,14 @@ def _shared_seconds(timings: dict) -> dict:
 
 def _many(heta: HETA, ids: torch.Tensor, positions: list[int], config: HETAConfig) -> tuple[dict, list]:
     """Timings and per-target components of the multi-target path, ``S`` skipped."""
-    parts, timings = components_many(heta.lm, ids, positions, config, sensitivity=False)
+    parts, timings = pipeline.run(heta.lm, ids, positions, config, sensitivity=False)
     return timings, parts
 
 
 def _single_path(heta: HETA, ids: torch.Tensor, config: HETAConfig) -> tuple[dict, object]:
-    """Timings and components of the single-target torch backend on ids ``[t + 1]``, ``S`` stubbed (zeros)."""
-    def no_sensitivity(lm, E, *args, **kwargs):
-        return torch.zeros(E.shape[0] - 1)
-
-    with mock.patch.object(torch_backend.hessian, "hessian_sensitivity", no_sensitivity):
-        c = torch_backend.components(heta.lm, ids, config)
-    return c.timings, c
+    """Timings and components of one target (the pipeline's ``K = 1`` case) on ids ``[t + 1]``, ``S`` skipped."""
+    (c,), timings = pipeline.run(heta.lm, ids, [ids.numel() - 1], config, sensitivity=False)
+    return timings, c
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -211,7 +211,7 @@ def fast_position(lm, E: torch.Tensor, y: int, key_values, config: HETAConfig, i
         result["S"] = out[0].detach().clone()
         return out
 
-    # as the backend's own run (heap settings of ``torch_backend.components``, all m probes in one
+    # as the backend's own run (heap settings of ``pipeline.run``, all m probes in one
     # batched backward when the default budget allows it), but one position per batch
     budget = config.memory_budget or default_budget(lm.device)
     start = time.perf_counter()

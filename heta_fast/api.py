@@ -13,19 +13,22 @@ from collections.abc import Sequence
 
 import torch
 
-from heta_fast import backends, multi_target
-from heta_fast.attribution import Attribution, MultiAttribution
+from heta_fast import backends, pipeline
 from heta_fast.components import Components, Progress, combine, windowed
 from heta_fast.config import HETAConfig
+from heta_fast.memory import check_fits, default_budget
 from heta_fast.model import CausalLM
+from heta_fast.results import Attribution, MultiAttribution
 
 
 class HETA:
     """Explains a causal LM's token predictions with HETA.
 
-    model: a transformers ``AutoModelForCausalLM`` (switched to eval mode, frozen weights and
-    eager attention); tokenizer: its tokenizer (needed for text input and token strings);
-    config: the default ``HETAConfig`` for ``attribute``.
+    model: a transformers ``AutoModelForCausalLM`` of a supported family (``heta_fast.families``);
+    it is left as it was: each call runs it in eval mode, with frozen weights, eager attention and
+    (bf16/fp16 models) float32 weights, and restores it on return (``CausalLM.prepared``).
+    tokenizer: its tokenizer (needed for text input and token strings); config: the default
+    ``HETAConfig`` for ``attribute``.
     """
 
     def __init__(self, model, tokenizer=None, config: HETAConfig | None = None):
@@ -50,6 +53,7 @@ class HETA:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="eager")
         if device is not None:
             model = model.to(device)
+        model.eval().requires_grad_(False)  # this model is HETA's own: frozen for good, not per call
         return cls(model, tokenizer, config)
 
     def tokenize(self, text_or_ids: str | Sequence[int] | torch.Tensor) -> list[int]:
@@ -115,9 +119,7 @@ class HETA:
             if target_pos is not None or target_token is not None:
                 raise ValueError("give either targets or target_pos/target_token, not both")
             return self.attribute_targets(text_or_ids, targets, config=config, progress=progress, **overrides)
-        config = config or self.config
-        if overrides:
-            config = config.replace(**overrides)
+        config = self._config(config, overrides)
         ids = self.tokenize(text_or_ids)
         L = len(ids)
         last = L if target_token is not None else L - 1
@@ -132,10 +134,13 @@ class HETA:
                              f"for {L} tokens (position 0 has no context)")
         y = self.target_id(target_token) if target_token is not None else ids[target_pos]
         backend = backends.resolve(config.backend, self.lm)
+        self.check_size(target_pos + 1, config)
         context = torch.tensor(ids[:target_pos], dtype=torch.long)
-        c = windowed(lambda window: backend.components(self.lm, window, config, progress), context, y,
-                     config.window_size, config.overlap)
-        return self._attribution(c, context.tolist(), y, target_pos, config, backend.name)
+        with self.lm.prepared():
+            c = windowed(lambda window: backend.components(self.lm, window, config, progress), context, y,
+                         config.window_size, config.overlap)
+        return self._with_source(self._attribution(c, context.tolist(), y, target_pos, config, backend.name),
+                                 text_or_ids)
 
     def attribute_targets(self, text_or_ids: str | Sequence[int] | torch.Tensor, targets: Sequence[int], *,
                           config: HETAConfig | None = None, progress: Progress | None = None,
@@ -149,23 +154,21 @@ class HETA:
         The reference backend, and windows (``window_size`` set and a target's context longer
         than it), explain the targets one by one with ``attribute``.
         """
-        config = config or self.config
-        if overrides:
-            config = config.replace(**overrides)
+        config = self._config(config, overrides)
         ids = self.tokenize(text_or_ids)
-        targets = multi_target.check_targets(targets, len(ids))
+        targets = pipeline.check_targets(targets, len(ids))
         backend = backends.resolve(config.backend, self.lm)
-        windows = bool(config.window_size) and max(targets) > config.window_size
-        if backend.name == "reference" or windows:
-            rows = [self.attribute(ids, target_pos=t, config=config, progress=progress) for t in targets]
-            return MultiAttribution.from_rows(rows, config=config.to_dict(), backend=backend.name,
-                                              prompt_length=prompt_length)
-        parts, timings = multi_target.components_many(self.lm, torch.tensor(ids, dtype=torch.long), targets, config,
-                                                      progress, ops=multi_target.ops_for(backend.name))
+        self.check_size(max(targets) + 1, config)
+        if config.window_size and max(targets) > config.window_size:  # windows are cut per target
+            with self.lm.prepared():
+                rows = [self.attribute(ids, target_pos=t, config=config, progress=progress) for t in targets]
+            return self._with_source(MultiAttribution.from_rows(rows, config=config.to_dict(), backend=backend.name,
+                                                                prompt_length=prompt_length), text_or_ids)
+        parts, timings = backend.run_many(self.lm, torch.tensor(ids, dtype=torch.long), targets, config, progress)
         rows = [self._attribution(c, ids[:t], ids[t], t, config, backend.name)
                 for c, t in zip(parts, targets, strict=True)]
-        return MultiAttribution.from_rows(rows, config=config.to_dict(), backend=backend.name, timings=timings,
-                                          prompt_length=prompt_length)
+        return self._with_source(MultiAttribution.from_rows(rows, config=config.to_dict(), backend=backend.name,
+                                                            timings=timings, prompt_length=prompt_length), text_or_ids)
 
     def generate(self, text_or_ids: str | Sequence[int] | torch.Tensor, max_new_tokens: int = 16,
                  stop_at_eos: bool = True) -> list[int]:
@@ -179,9 +182,13 @@ class HETA:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         ids = self.tokenize(text_or_ids)
+        limit = self.lm.position_limit
+        if limit is not None and len(ids) + max_new_tokens > limit:
+            raise ValueError(f"{len(ids)} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's limit "
+                             f"of {limit} positions (max_position_embeddings); shorten the prompt or generate fewer")
         eos = self._eos_ids() if stop_at_eos else set()
         out = list(ids)
-        with torch.no_grad():
+        with torch.no_grad(), self.lm.prepared():
             step = self.lm.hidden(self.lm.embed(torch.tensor(ids, dtype=torch.long))[None], use_cache=True)
             for _ in range(max_new_tokens):
                 token = int(self.lm.unembed(step.last_hidden_state[0, -1]).argmax())
@@ -201,14 +208,36 @@ class HETA:
         (``prompt_length .. prompt_length + new - 1``); row ``k`` explains generated token ``k``
         by the prompt and the tokens generated before it.
         """
-        config = config or self.config
-        if overrides:
-            config = config.replace(**overrides)
+        config = self._config(config, overrides)
         backends.check(config.backend, self.lm.device)
         ids = self.generate(prompt, max_new_tokens, stop_at_eos)
         start = len(self.tokenize(prompt))
         return self.attribute_targets(ids, list(range(start, len(ids))), config=config, progress=progress,
                                       prompt_length=start)
+
+    def check_size(self, rows: int, config: HETAConfig) -> None:
+        """``ValueError`` before any model work when ``rows`` positions (context and target) cannot run.
+
+        With windows (``window_size`` set and shorter than the context) each forward runs
+        ``window_size + 1`` rows instead. Checks the model's position limit, then that the shared
+        forward fits ``memory_budget`` (``heta_fast.memory.check_fits``).
+        """
+        window = config.window_size
+        run = window + 1 if window and rows - 1 > window else rows
+        limit = self.lm.position_limit
+        if limit is not None and run > limit:
+            what = f"a window of {window} tokens and the target make" if run < rows else \
+                f"{rows - 1} context tokens and the target make"
+            raise ValueError(f"{what} {run} positions, more than this {self.lm.family} model's limit of {limit} "
+                             f"(max_position_embeddings); pass window_size <= {limit - 1} to attribute it in windows")
+        check_fits(self.lm, run, config.memory_budget or default_budget(self.lm.device))
+
+    def _config(self, config: HETAConfig | None, overrides: dict) -> HETAConfig:
+        """This call's configuration: ``config`` (or the default) with ``overrides`` replacing fields."""
+        if config is not None and not isinstance(config, HETAConfig):
+            raise TypeError(f"config must be a HETAConfig, got {type(config).__name__}")
+        config = config or self.config
+        return config.replace(**overrides) if overrides else config
 
     def _eos_ids(self) -> set[int]:
         eos = getattr(self.tokenizer, "eos_token_id", None)
@@ -226,6 +255,16 @@ class HETA:
                            context_tokens=self._token_strings(context), context_ids=list(context),
                            target_token=self._token_strings([y])[0], target_id=y, target_pos=target_pos,
                            config=config.to_dict(), backend=backend, timings=c.timings)
+
+    def _with_source(self, result: Attribution | MultiAttribution, text_or_ids) -> Attribution | MultiAttribution:
+        """Mark the tokenizer's special tokens; for text input, keep the text and each token's character offsets
+        (``Attribution.aggregate`` groups tokens into words and sentences by them; slow tokenizers have none)."""
+        special_ids = set(getattr(self.tokenizer, "all_special_ids", None) or [])
+        result.special = [i in special_ids for i in result.context_ids]
+        if isinstance(text_or_ids, str) and getattr(self.tokenizer, "is_fast", False):
+            offsets = self.tokenizer(text_or_ids, return_offsets_mapping=True)["offset_mapping"]
+            result.text, result.offsets = text_or_ids, [(int(a), int(b)) for a, b in offsets[:len(result.context_ids)]]
+        return result
 
     def _token_strings(self, ids: list[int]) -> list[str]:
         if self.tokenizer is None:

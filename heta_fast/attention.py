@@ -24,6 +24,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 ATTENTION_NAME = "heta_eager"
 GROUPED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -67,21 +69,17 @@ def grouped_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     return out.transpose(1, 2).contiguous(), weights
 
 
-def install(model: nn.Module) -> str:
-    """Switch ``model`` to ``ATTENTION_NAME`` where it helps, otherwise to ``eager``; returns the name."""
-    name = "eager"
+def select(model: nn.Module) -> str:
+    """The attention implementation HETA runs ``model`` with: ``ATTENTION_NAME`` where it helps, else ``eager``.
+
+    Registers ``ATTENTION_NAME`` with transformers when chosen; does not change the model
+    (``CausalLM.prepared`` switches to it for the duration of a call).
+    """
     config = model.config
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    if hasattr(model, "set_attn_implementation") and config.model_type in GROUPED_FAMILIES and heads != kv_heads:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-        AttentionInterface.register(ATTENTION_NAME, grouped_eager_attention)
-        AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
-        name = ATTENTION_NAME
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-    else:  # older transformers
-        model.config._attn_implementation = name
-    return name
+    if not (hasattr(model, "set_attn_implementation") and config.model_type in GROUPED_FAMILIES and heads != kv_heads):
+        return "eager"
+    AttentionInterface.register(ATTENTION_NAME, grouped_eager_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
+    return ATTENTION_NAME

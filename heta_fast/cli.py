@@ -3,6 +3,11 @@
     heta-fast attribute "The capital of France is Paris"
     heta-fast attribute "The capital of France is" --target-token " Paris" --samples 20 --top 5
     heta-fast attribute "..." --json > attribution.json
+    heta-fast attribute "..." --html page.html --png figure.png --words
+    heta-fast show attribution.json --html page.html
+
+Every ``HETAConfig`` field is an option, generated from the field's metadata by
+``add_config_options`` (a new field is a new option; other subcommands reuse the function).
 
 Subcommands live in ``SUBCOMMANDS``: each entry is a function that adds its parser to the
 ``add_subparsers`` object and names its handler with ``set_defaults(handler=...)``; a handler
@@ -17,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import re
 import sys
+import typing
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
-from heta_fast.config import BACKENDS, MASKS, VALUE_SOURCES, HETAConfig
+from heta_fast import render, results
+from heta_fast.config import OPTION_GROUPS, HETAConfig, field_names
 from heta_fast.jobs import cli as jobs_cli
 
 # Errors the library raises for bad input; they become `error: ...` and exit code 2.
@@ -33,10 +41,6 @@ INPUT_ERRORS = (ValueError, TypeError, ModuleNotFoundError, OSError)
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 
 EMBEDDED_NAME = "the embedded SmolLM2-135M-Instruct"
-
-# HETAConfig field -> the attribute argparse stores it under (the same name for all of them).
-CONFIG_OPTIONS = ("beta", "gamma", "samples", "mask", "value_source", "layer_subset", "window_size",
-                  "overlap", "seed", "backend", "memory_budget")
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -69,12 +73,48 @@ def _text_argument(text: str) -> str:
     return sys.stdin.read() if text == "-" else text
 
 
+# Named parsers a config field's metadata may ask for instead of its own type.
+_PARSERS: dict[str, Callable[[str], object]] = {"bytes": parse_bytes}
+
+
+def option_name(field: str) -> str:
+    """The command-line flag of a HETAConfig field: ``window_size`` -> ``--window-size``."""
+    return "--" + field.replace("_", "-")
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """One option per ``HETAConfig`` field, from the field's metadata, in ``OPTION_GROUPS``' groups.
+
+    Each option stores under the field's name with default None (left out: HETAConfig's default,
+    named in the help). Booleans get ``--x/--no-x``. Returns the groups by key, so a command can
+    add its own options next to them (``--device`` under ``run``). ``config_from_args`` reads them back.
+    """
+    groups = {key: parser.add_argument_group(title) for key, title in OPTION_GROUPS.items()}
+    hints = typing.get_type_hints(HETAConfig)
+    for field in dataclasses.fields(HETAConfig):
+        meta = field.metadata
+        flags = [option_name(field.name)] + ([meta["short"]] if meta.get("short") else [])
+        help_text = meta["help"] if field.default is None else f"{meta['help']} (default {field.default})"
+        kwargs: dict = {"dest": field.name, "default": None, "help": help_text}
+        kind = next((t for t in typing.get_args(hints[field.name]) if t is not type(None)), hints[field.name])
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _PARSERS[meta["type"]] if meta.get("type") else kind
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
+            if meta.get("metavar"):
+                kwargs["metavar"] = meta["metavar"]
+        groups[meta.get("group", "method")].add_argument(*flags, **kwargs)
+    return groups
+
+
 def config_from_args(args: argparse.Namespace) -> HETAConfig:
     """The ``HETAConfig`` the options describe; options left out keep HETAConfig's defaults.
 
     Raises ValueError/TypeError (from HETAConfig) for bad values, before any model is loaded.
     """
-    given = {name: getattr(args, name) for name in CONFIG_OPTIONS if getattr(args, name, None) is not None}
+    given = {name: getattr(args, name) for name in field_names() if getattr(args, name, None) is not None}
     return HETAConfig(**given)
 
 
@@ -195,44 +235,83 @@ def add_attribute_parser(subparsers) -> None:
     target.add_argument("--target-id", type=int, metavar="ID", default=None,
                         help="like --target-token, given as a token id")
 
-    method = parser.add_argument_group("method (defaults from HETA_SPEC)")
-    method.add_argument("--samples", "-m", type=int, metavar="M", default=None,
-                        help="Rademacher probes per context token for S (default 10)")
-    method.add_argument("--seed", type=int, default=None, help="probe seed in [0, 2**32) (default 0)")
-    method.add_argument("--mask", choices=MASKS, default=None,
-                        help="what replaces a token's embedding for I (default zero)")
-    method.add_argument("--beta", type=float, default=None, help="weight of S, >= 0 (default 0.5)")
-    method.add_argument("--gamma", type=float, default=None, help="weight of I, >= 0 (default 0.5)")
-    method.add_argument("--layer-subset", type=int, metavar="K", default=None,
-                        help="semantic flow over the last K layers only (default: all layers)")
-    method.add_argument("--value-source", choices=VALUE_SOURCES, default=None,
-                        help="value vectors for M: 'attention' (what the layer computes; default) or "
-                             "'residual' (the released code's variant)")
-    method.add_argument("--window-size", type=int, metavar="W", default=None,
-                        help="sliding windows of W context tokens for long inputs (default: no windows)")
-    method.add_argument("--overlap", type=float, default=None,
-                        help="overlap of consecutive windows, in [0, 1) (default 0)")
+    groups = add_config_options(parser)
+    groups["run"].add_argument("--device", default=None,
+                               help="torch device for the model, e.g. cpu or cuda (default: where transformers "
+                                    "loads it, the CPU)")
 
-    run = parser.add_argument_group("how to run")
-    run.add_argument("--backend", choices=BACKENDS, default=None,
-                     help="implementation: auto (fastest available; default), reference (the slow oracle), "
-                          "torch (batched PyTorch), triton (fused GPU kernels)")
-    run.add_argument("--device", default=None,
-                     help="torch device for the model, e.g. cpu or cuda (default: where transformers loads it, "
-                          "the CPU)")
-    run.add_argument("--memory-budget", type=parse_bytes, metavar="BYTES", default=None,
-                     help="memory the batched backends may use, e.g. 512M or 2G (binary units; "
-                          "default: from free memory)")
+    _add_output_options(parser)
+    parser.set_defaults(handler=run_attribute)
 
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    """How a result is shown: shared by ``attribute`` and ``show``."""
     out = parser.add_argument_group("output")
     out.add_argument("--top", type=int, metavar="K", default=None, help="show the K best rows (default: all)")
     out.add_argument("--json", action="store_true",
                      help="print the attribution as JSON (Attribution.to_dict()) and nothing else on stdout")
+    out.add_argument("--html", metavar="PATH", default=None,
+                     help="also write a self-contained HTML page: tokens coloured by score, M/S/I on hover")
+    out.add_argument("--png", metavar="PATH", default=None,
+                     help="also write a figure (bar chart of the top tokens; heat map for several targets; "
+                          "needs pip install 'heta_fast[plot]')")
+    unit = out.add_mutually_exclusive_group()
+    unit.add_argument("--words", dest="unit", action="store_const", const="words", default=None,
+                      help="sum the scores over words (from the tokenizer's character offsets)")
+    unit.add_argument("--sentences", dest="unit", action="store_const", const="sentences",
+                      help="sum the scores over sentences")
+    out.add_argument("--include-special", action="store_true",
+                     help="keep the tokenizer's special tokens (chat template, BOS) in tables, pages and sums")
     out.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                      help="colour heat strip and table: auto (on a terminal unless NO_COLOR is set; default), "
                           "always, never")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress or status lines on stderr")
-    parser.set_defaults(handler=run_attribute)
+
+
+def _check_output_options(args: argparse.Namespace) -> None:
+    """Fail before any model work when an output cannot be written."""
+    if args.top is not None and args.top < 1:
+        raise ValueError(f"--top must be >= 1, got {args.top}")
+    for flag, path in (("--html", args.html), ("--png", args.png)):
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{flag} {path}: folder {folder} does not exist")
+    if args.png is not None:
+        render.figure_class()  # matplotlib missing: say which extra to install, now
+
+
+def _show(result: results.Attribution | results.MultiAttribution, args: argparse.Namespace) -> int:
+    """Print ``result`` (table and heat strip, heat map, or JSON) and write the asked-for files."""
+    view = result
+    if args.unit is not None:
+        if isinstance(result, results.MultiAttribution):
+            raise ValueError(f"--{args.unit} needs a single-target result; this one has {len(result)} targets")
+        view = result.aggregate(args.unit, include_special=args.include_special)
+    if args.html is not None:
+        render.save_html(render.html(view, include_special=args.include_special), args.html)
+    if args.png is not None:
+        render.figure(view, k=args.top or 12, include_special=args.include_special).savefig(args.png, dpi=150)
+    if not args.quiet:
+        for path in (args.html, args.png):
+            if path is not None:
+                print(f"heta-fast: wrote {path}", file=sys.stderr)
+    if args.json:
+        print(result.to_json(indent=2))
+        return EXIT_OK
+    color = use_color(args.color, sys.stdout)
+    if isinstance(result, results.MultiAttribution):
+        print(render.heat_map(result, include_special=args.include_special))
+        return EXIT_OK
+    print(render.table(view, args.top, color=color, include_special=args.include_special))
+    if args.top is not None and args.top < len(view):
+        what = "context tokens" if view is result else args.unit
+        print(f"({args.top} of {len(view)} {what} shown; --top sets how many)")
+    if color:
+        strip = render.heat_strip(view, color=True, include_special=args.include_special)
+        print(f"\ncontext: {strip}  -> {result.target_token!r}")
+    return EXIT_OK
 
 
 def _check_device(name: str | None) -> None:
@@ -274,8 +353,7 @@ def run_attribute(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.target_pos is not None and args.target_pos < 1:
         raise ValueError(f"target position must be >= 1 (position 0 has no context), got {args.target_pos}")
-    if args.top is not None and args.top < 1:
-        raise ValueError(f"--top must be >= 1, got {args.top}")
+    _check_output_options(args)
     _check_device(args.device)
     if config.backend == "triton":
         import torch
@@ -298,16 +376,31 @@ def run_attribute(args: argparse.Namespace) -> int:
     if progress:
         progress.finish(attribution.timings)
 
-    if args.json:
-        print(attribution.to_json(indent=2))
-        return EXIT_OK
-    color = use_color(args.color, sys.stdout)
-    print(attribution.table(args.top, color=color))
-    if args.top is not None and args.top < len(attribution):
-        print(f"({args.top} of {len(attribution)} context tokens shown; --top sets how many)")
-    if color:
-        print(f"\ncontext: {attribution.heat_strip(color=True)}  -> {attribution.target_token!r}")
-    return EXIT_OK
+    return _show(attribution, args)
+
+
+# --- show ------------------------------------------------------------------------------------
+
+
+def add_show_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "show", help="show a saved attribution (from --json) again: table, HTML page, figure",
+        description="Read a result saved with 'heta-fast attribute --json' (or Attribution.to_json()) and show it "
+                    "as 'attribute' would: a table and heat strip (a heat map for several targets), an HTML page "
+                    "(--html) or a figure (--png), per word or sentence with --words/--sentences.")
+    parser.add_argument("result", metavar="RESULT.json", help="the saved result; '-' reads it from stdin")
+    _add_output_options(parser)
+    parser.set_defaults(handler=run_show)
+
+
+def run_show(args: argparse.Namespace) -> int:
+    _check_output_options(args)
+    if args.result == "-":
+        result = results.from_json(sys.stdin.read())
+    else:
+        with open(args.result, encoding="utf-8") as f:
+            result = results.from_json(f.read())
+    return _show(result, args)
 
 
 # --- the program -----------------------------------------------------------------------------
@@ -316,6 +409,7 @@ def run_attribute(args: argparse.Namespace) -> int:
 # A `bench` command goes here too, e.g. "bench": add_bench_parser, defined in its own module.
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "attribute": add_attribute_parser,
+    "show": add_show_parser,
     "attribute-dataset": jobs_cli.add_parser,
 }
 

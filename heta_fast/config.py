@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 
 from heta_fast.probes import check_seed
@@ -11,6 +12,22 @@ MASKS = ("zero", "mean", "unk")
 VALUE_SOURCES = ("attention", "residual")
 BACKENDS = ("auto", "reference", "torch", "triton")
 HESSIANS = ("exact", "low_rank", "gauss_newton", "layer_subset")
+
+# Option groups of the command line, in the order ``--help`` shows them.
+OPTION_GROUPS = {"method": "method (defaults from HETA_SPEC)", "run": "how to run"}
+
+
+def _option(default, help: str, *, choices: tuple[str, ...] | None = None, type: str | None = None,
+            metavar: str | None = None, short: str | None = None, group: str = "method"):
+    """A config field with what the command line needs to offer it (read by ``heta_fast.cli``).
+
+    help: one line for ``--help`` (the default is appended there); choices: the valid values;
+    type: a named parser other than the field's own type (``bytes``: ``512M``, ``2G``);
+    short: a short flag such as ``-m``; group: a key of ``OPTION_GROUPS``.
+    """
+    metadata = {"help": help, "choices": choices, "type": type, "metavar": metavar, "short": short,
+                "group": group}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -36,22 +53,32 @@ class HETAConfig:
         See docs/estimators.md for formulas and costs.
     """
 
-    beta: float = 0.5
-    gamma: float = 0.5
-    samples: int = 10
-    mask: str = "zero"
-    value_source: str = "attention"
-    layer_subset: int | None = None
-    window_size: int | None = None
-    overlap: float = 0.0
-    seed: int = 0
-    backend: str = "auto"
-    memory_budget: int | None = None
-    retain_heap: bool = True
-    hessian: str = "exact"
-    hessian_rank: int = 32
-    hessian_topk: int = 8
-    hessian_layers: int = 4
+    beta: float = _option(0.5, "weight of S, >= 0")
+    gamma: float = _option(0.5, "weight of I, >= 0")
+    samples: int = _option(10, "Rademacher probes per context token for S (m)", short="-m", metavar="M")
+    mask: str = _option("zero", "what replaces a token's embedding for I", choices=MASKS)
+    value_source: str = _option("attention", "value vectors for M: 'attention' (what the layer computes) or "
+                                "'residual' (the released code's variant)", choices=VALUE_SOURCES)
+    layer_subset: int | None = _option(None, "semantic flow over the last K layers only (default: all layers)",
+                                       metavar="K")
+    window_size: int | None = _option(None, "sliding windows of W context tokens for long inputs "
+                                      "(default: no windows)", metavar="W")
+    overlap: float = _option(0.0, "overlap of consecutive windows, in [0, 1)")
+    seed: int = _option(0, "probe seed in [0, 2**32)")
+    backend: str = _option("auto", "implementation: auto (fastest available), reference (the slow oracle), "
+                           "torch (batched PyTorch), triton (fused GPU kernels)", choices=BACKENDS, group="run")
+    memory_budget: int | None = _option(None, "memory the batched backends may use, e.g. 512M or 2G (binary "
+                                        "units; default: from free memory)", type="bytes", metavar="BYTES",
+                                        group="run")
+    retain_heap: bool = _option(True, "keep freed heap memory for reuse while the fast backends run "
+                                "(Linux CPUs with glibc)", group="run")
+    hessian: str = _option("exact", "how S is estimated: exact (the spec) or a cheaper curvature model "
+                           "(docs/estimators.md)", choices=HESSIANS)
+    hessian_rank: int = _option(32, "rank of the low_rank sketch of the input Hessian", metavar="R")
+    hessian_topk: int = _option(8, "most probable tokens (plus the target) in gauss_newton's output curvature",
+                                metavar="K")
+    hessian_layers: int = _option(4, "layer_subset: curvature of the residual stream entering the last K layers",
+                                  metavar="K")
 
     def __post_init__(self) -> None:
         for name in ("beta", "gamma"):
@@ -87,11 +114,34 @@ class HETAConfig:
             _check_int(name, getattr(self, name), minimum=1, what=f"{name} must be >= 1")
 
     def replace(self, **changes) -> HETAConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again).
+
+        An unknown name raises TypeError listing the valid fields (and the closest one).
+        """
+        check_fields(changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def field_names() -> tuple[str, ...]:
+    """The names of HETAConfig's fields, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(HETAConfig))
+
+
+def check_fields(changes: dict) -> None:
+    """TypeError naming every key of ``changes`` that is not a HETAConfig field, and the valid ones."""
+    valid = field_names()
+    unknown = [name for name in changes if name not in valid]
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, valid, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise TypeError(f"unknown HETAConfig field{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+                    f"valid fields: {', '.join(valid)}")
 
 
 def _check_int(name: str, value, *, minimum: int, what: str) -> None:

@@ -39,7 +39,7 @@ Reference (``heta_fast.reference``): every pass covers all ``T`` rows with full 
     hessian        build(T rows, T keys, head(T)) + n m HVP(T rows, T keys, head(T))
     kl             (n + 1) (body(T, T) + head(T))  (P, then one masked forward per position)
 
-Fast path (``heta_fast.torch_backend``; the Triton backend does the same work): rows ``0 .. p``
+Fast path (``heta_fast.pipeline``; the Triton backend does the same work): rows ``0 .. p``
 only, logits at row ``p`` only, and position ``i`` runs rows ``i .. p`` (``r_i = n - i`` rows,
 attending to all ``n`` keys) on the cached prefix.
 

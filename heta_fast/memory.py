@@ -65,8 +65,60 @@ def batch_size(lm: CausalLM, budget: int, rows: int, total_len: int, copies: flo
     return int(max(1, min(limit, budget // max(1, sequence_bytes(lm, rows, total_len, copies)))))
 
 
+class MemoryBudgetWarning(UserWarning):
+    """A unit of work that cannot be split further is estimated above ``memory_budget`` (shown by default)."""
+
+
 def warn_if_over(budget: int, needed: int, what: str) -> None:
     """One warning when even the smallest unit of work is estimated above the budget."""
     if needed > budget:
         warnings.warn(f"memory_budget {budget / 2**20:.1f} MiB is below the estimated "
-                      f"{needed / 2**20:.1f} MiB that {what} needs; running it anyway", ResourceWarning, stacklevel=3)
+                      f"{needed / 2**20:.1f} MiB that {what} needs; running it anyway", MemoryBudgetWarning,
+                      stacklevel=3)
+
+
+def upcast_bytes(lm: CausalLM) -> int:
+    """Bytes of the float32 copies ``CausalLM.prepared`` makes of a bf16/fp16 model's weights (0 otherwise)."""
+    model = lm.model
+    return 4 * sum(p.numel() for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16))
+
+
+def forward_bytes(lm: CausalLM, rows: int) -> int:
+    """Estimated bytes of the shared forward over ``rows`` rows, which cannot be split into batches.
+
+    It keeps every layer's attention probabilities (``N H rows^2`` float32: the semantic flow reads
+    them all; ~18 GiB for SmolLM2-135M at 4,096 tokens), the key/value cache and the captured value
+    vectors (``3 N rows H_kv d_h``), and holds one layer's activations at a time.
+    """
+    n = lm.num_layers
+    kept = n * lm.num_heads * rows * rows + 3 * n * rows * lm.num_kv_heads * lm.head_dim
+    return 4 * (kept + _row_floats(lm, rows) * rows)
+
+
+def largest_fitting_rows(lm: CausalLM, budget: int) -> int:
+    """The most rows whose shared forward fits ``budget`` (0 when not even one does)."""
+    lo, hi = 0, 1
+    while forward_bytes(lm, hi) + upcast_bytes(lm) <= budget and hi < 1 << 24:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if forward_bytes(lm, mid) + upcast_bytes(lm) <= budget else (lo, mid)
+    return lo
+
+
+def check_fits(lm: CausalLM, rows: int, budget: int) -> None:
+    """``ValueError`` before any model work when the shared forward over ``rows`` rows cannot fit ``budget``.
+
+    The message gives the bytes needed and available and the longest window that fits.
+    """
+    needed = forward_bytes(lm, rows) + upcast_bytes(lm)
+    if needed <= budget:
+        return
+    fits = largest_fitting_rows(lm, budget) - 1  # a window of W context tokens runs W + 1 rows
+    hint = (f"pass window_size <= {fits} to attribute it in windows" if fits >= 1 else
+            "not even a one-token window fits")
+    raise ValueError(f"{rows} tokens need about {needed / 2**20:,.0f} MiB for the shared forward (the attention maps "
+                     f"of {lm.num_layers} layers x {lm.num_heads} heads x {rows}^2 in float32, the key/value cache"
+                     + (", float32 copies of the weights" if upcast_bytes(lm) else "")
+                     + f"), above memory_budget {budget / 2**20:,.0f} MiB ({available_bytes(lm.device) / 2**20:,.0f} "
+                     f"MiB free on {lm.device.type}); {hint}, or raise memory_budget")

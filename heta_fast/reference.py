@@ -91,6 +91,11 @@ def components(lm: CausalLM, ids: torch.Tensor, config: HETAConfig, progress: Pr
     if config.hessian != "exact":
         raise ValueError(f"the reference backend computes the exact Hessian only (hessian={config.hessian!r}); "
                          "use backend='torch' for approximate estimators")
+    with lm.prepared():
+        return _components(lm, ids, config, progress)
+
+
+def _components(lm: CausalLM, ids: torch.Tensor, config: HETAConfig, progress: Progress | None) -> Components:
     E = lm.embed(ids)
     y = int(ids[-1])
     timings = {}

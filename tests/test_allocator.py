@@ -60,3 +60,13 @@ def test_disabled_is_a_no_op():
         assert applied is False
     with retained_heap(device=torch.device("cuda", 0)) as applied:  # the host heap is not the GPU's
         assert applied is False
+
+
+@glibc
+def test_what_it_leaves_after_the_block_is_what_the_readme_says():
+    """glibc cannot switch its dynamic thresholds back on: they stay fixed at their ceilings (README)."""
+    with retained_heap():
+        pass
+    below, above = 16, 48  # MiB, either side of the 32 MiB mmap threshold left in place
+    assert faults_per_allocation(mib=below) < (below << 20) // resource.getpagesize() / 100  # heap, reused
+    assert faults_per_allocation(mib=above) > (above << 20) // resource.getpagesize() / 2  # mmap'd afresh

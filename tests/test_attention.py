@@ -29,7 +29,8 @@ def llama_and_calls(fresh_seed):
         return real(module, query, key, *args, **kwargs)
 
     AttentionInterface.register(ATTENTION_NAME, spy)
-    yield lm, calls
+    with lm.prepared():
+        yield lm, calls
     AttentionInterface.register(ATTENTION_NAME, real)
 
 
@@ -61,9 +62,10 @@ def test_hessian_vector_products_match_stock(fresh_seed):
         (Hr,) = torch.autograd.grad(grad, x, grad_outputs=probe)
         return Hr
 
-    fast = hvp()
-    with stock_attention():
-        stock = hvp()
+    with lm.prepared():
+        fast = hvp()
+        with stock_attention():
+            stock = hvp()
     assert rel_err(fast, stock) < 1e-5
 
 

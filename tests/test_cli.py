@@ -6,6 +6,7 @@ memory, so one attribution takes about a second on a CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -14,9 +15,11 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_gpt2
 
-from heta_fast import HETA, Attribution, cli
+from heta_fast import HETA, Attribution, HETAConfig, cli
 from heta_fast.cli import StageProgress, main, parse_bytes, use_color
+from heta_fast.config import field_names
 
 TEXT = "The capital of France is Paris"
 WORDS = TEXT.split()
@@ -119,6 +122,83 @@ def test_colour_heat_strip_when_asked(capsys, tiny_model):
     assert len(strip) == 1 and "\x1b[48;5;" in strip[0] and "'Paris'" in strip[0]
 
 
+def test_show_round_trips_json_and_the_table(capsys, tiny_model, tmp_path):
+    code, saved, err = run(capsys, "attribute", TEXT, "--model", tiny_model, "--json", "-q", *FAST)
+    assert code == 0, err
+    path = tmp_path / "result.json"
+    path.write_text(saved)
+    code, out, err = run(capsys, "show", str(path), "--json")
+    assert (code, err) == (0, "")
+    assert out == saved  # byte for byte: the result survives the file
+    code, table, _ = run(capsys, "attribute", TEXT, "--model", tiny_model, "--color", "never", "-q", *FAST)
+    assert run(capsys, "show", str(path), "--color", "never") == (0, table, "")
+    code, words, _ = run(capsys, "show", str(path), "--words", "--color", "never", "--top", "2")
+    assert code == 0
+    lines = words.splitlines()
+    assert lines[0].startswith("words (reducer sum) of target 'Paris'") and len(lines) == 5
+    assert lines[-1] == "(2 of 5 words shown; --top sets how many)"
+    data = json.loads(saved)
+    top2 = sorted(range(5), key=lambda i: (-data["scores"][i], i))[:2]
+    assert [line.split()[1] for line in lines[2:4]] == [repr(WORDS[i]) for i in top2]
+
+
+def test_show_reads_several_targets(capsys, tiny_model, tmp_path):
+    several = HETA.from_pretrained(tiny_model).attribute(TEXT, targets=[2, 5], samples=1)
+    path = tmp_path / "several.json"
+    path.write_text(several.to_json())
+    capsys.readouterr()  # transformers' loading bar
+    code, out, err = run(capsys, "show", str(path), "--color", "never")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0].startswith("2 targets over 5 context tokens")
+    assert run(capsys, "show", str(path), "--json")[1] == json.dumps(several.to_dict(), indent=2) + "\n"
+    _assert_one_line_error(*run(capsys, "show", str(path), "--words"), "--words needs a single-target result")
+
+
+def test_attribute_writes_html_png_and_words(capsys, tiny_model, tmp_path):
+    pytest.importorskip("matplotlib")
+    page, figure = tmp_path / "page.html", tmp_path / "figure.png"
+    code, out, err = run(capsys, "attribute", TEXT, "--model", tiny_model, "--words", "--html", str(page),
+                         "--png", str(figure), "--color", "never", *FAST)
+    assert code == 0, err
+    assert f"heta-fast: wrote {page}" in err and f"heta-fast: wrote {figure}" in err
+    assert out.splitlines()[0].startswith("words (reducer sum) of target 'Paris'")
+    text = page.read_text(encoding="utf-8")
+    assert "why &#x27;Paris&#x27; at position 5" in text and "sum over words" in text
+    for word in WORDS[:-1]:
+        assert f">{word}</span>" in text
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--html", "/no/such/folder/page.html"], ["--html", "does not exist"]),
+    (["--png", "/no/such/folder/f.png"], ["--png", "does not exist"]),
+    (["--words", "--sentences"], ["not allowed with"]),
+    (["--hessian", "diagonal"], ["--hessian", "diagonal", "exact"]),
+    (["--hessian-rank", "0"], ["hessian_rank must be >= 1"]),
+])
+def test_bad_output_options_fail_before_the_model_loads(capsys, monkeypatch, args, words):
+    def no_load(*_args, **_kwargs):
+        raise AssertionError("the model must not load for bad options")
+
+    monkeypatch.setattr(HETA, "from_pretrained", no_load)
+    _assert_one_line_error(*run(capsys, "attribute", TEXT, *args), *words)
+
+
+def test_show_bad_files(capsys, tmp_path):
+    _assert_one_line_error(*run(capsys, "show", str(tmp_path / "missing.json")), "No such file")
+    (tmp_path / "bad.json").write_text("{not json")
+    _assert_one_line_error(*run(capsys, "show", str(tmp_path / "bad.json")), "not JSON")
+    (tmp_path / "other.json").write_text('{"target_pos": 3}')
+    _assert_one_line_error(*run(capsys, "show", str(tmp_path / "other.json")),
+                           "not a saved heta_fast result: no 'scores' field")
+    ids_only = Attribution(scores=torch.ones(2), M=torch.ones(2), S=torch.ones(2), I=torch.ones(2),
+                           context_tokens=["a", "b"], context_ids=[1, 2], target_token="c", target_id=3, target_pos=2,
+                           config={"seed": 0}, backend="torch")
+    (tmp_path / "ids.json").write_text(ids_only.to_json())
+    _assert_one_line_error(*run(capsys, "show", str(tmp_path / "ids.json"), "--sentences"),
+                           "aggregating needs the source text")
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -181,10 +261,70 @@ def test_help_documents_every_option(capsys):
     assert code == 0
     for option in ("--model", "--target-pos", "--target-token", "--target-id", "--backend", "--samples", "-m",
                    "--seed", "--mask", "--beta", "--gamma", "--window-size", "--overlap", "--layer-subset",
-                   "--value-source", "--memory-budget", "--device", "--top", "--json", "--quiet", "--color"):
+                   "--value-source", "--memory-budget", "--device", "--top", "--json", "--quiet", "--color",
+                   "--hessian", "--hessian-rank", "--hessian-topk", "--hessian-layers", "--retain-heap",
+                   "--no-retain-heap", "--html", "--png", "--words", "--sentences", "--include-special"):
         assert f" {option}" in out, option
-    for choice in ("zero,mean,unk", "reference,torch,triton", "attention,residual"):
+    for choice in ("zero,mean,unk", "reference,torch,triton", "attention,residual",
+                   "exact,low_rank,gauss_newton,layer_subset"):
         assert choice in out
+
+
+def _changed(field: dataclasses.Field) -> tuple[list[str], object]:
+    """Command-line words setting ``field`` to a value other than its default, and that value."""
+    flag = "--" + field.name.replace("_", "-")
+    default = field.default
+    if field.metadata.get("choices"):
+        value = [c for c in field.metadata["choices"] if c != default][-1]
+        return [flag, value], value
+    if isinstance(default, bool):
+        return ([f"--no-{flag[2:]}"], False) if default else ([flag], True)
+    if isinstance(default, float):
+        return [flag, "0.25"], 0.25
+    if field.metadata.get("type") == "bytes":
+        return [flag, "3M"], 3 * 2**20
+    value = 3 if default is None else default + 2
+    return [flag, str(value)], value
+
+
+def test_every_config_field_has_an_option_that_reaches_the_config(capsys):
+    """Generated from HETAConfig's metadata: each field's option exists, and setting all of them at once
+    gives exactly the config with those values (the defaults stay HETAConfig's)."""
+    fields = dataclasses.fields(HETAConfig)
+    assert [f.name for f in fields] == list(field_names())
+    words, expected = [], {}
+    for field in fields:
+        option, value = _changed(field)
+        words += option
+        expected[field.name] = value
+    parser = cli.build_parser()
+    args = parser.parse_args(["attribute", TEXT, *words])
+    config = cli.config_from_args(args)
+    assert config == HETAConfig(**expected)
+    assert all(getattr(config, name) != getattr(HETAConfig(), name) for name in expected)
+    assert cli.config_from_args(parser.parse_args(["attribute", TEXT])) == HETAConfig()
+    code, out, _ = run(capsys, "attribute", "--help")
+    for field in fields:
+        assert "--" + field.name.replace("_", "-") in out, field.name
+        assert " ".join(field.metadata["help"].split()[:3]) in " ".join(out.split()), field.name
+
+
+def test_add_config_options_serves_other_commands():
+    parser = cli.argparse.ArgumentParser()
+    groups = cli.add_config_options(parser)
+    assert set(groups) == {"method", "run"}
+    args = parser.parse_args(["--hessian", "low_rank", "--hessian-rank", "8", "--memory-budget", "1G"])
+    assert cli.config_from_args(args) == HETAConfig(hessian="low_rank", hessian_rank=8, memory_budget=2**30)
+
+
+def test_unknown_config_keyword_lists_the_valid_fields():
+    valid = ", ".join(f.name for f in dataclasses.fields(HETAConfig))
+    with pytest.raises(TypeError) as info:
+        HETA(tiny_gpt2()).attribute([1, 2, 3], rank=32)
+    assert str(info.value) == f"unknown HETAConfig field 'rank'; valid fields: {valid}"
+    with pytest.raises(TypeError, match=r"unknown HETAConfig fields 'hesian' \(did you mean 'hessian'\?\), 'k'; "
+                                        "valid fields: beta, gamma"):
+        HETAConfig().replace(hesian="low_rank", k=3)
 
 
 def test_no_command_prints_help(capsys):

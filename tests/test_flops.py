@@ -44,7 +44,8 @@ def tiny(request):
     torch.manual_seed(0)
     lm = CausalLM(_gpt2() if request.param == "gpt2" else _llama())
     ids = torch.randint(0, lm.vocab_size, (N_CONTEXT + 1,))
-    return lm, ids
+    with lm.prepared():
+        yield lm, ids
 
 
 def _counted(fn) -> float:

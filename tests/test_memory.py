@@ -8,6 +8,7 @@ from conftest import random_ids, tiny_llama
 from memory_probe import peak_bytes
 
 from heta_fast import HETA
+from heta_fast.memory import MemoryBudgetWarning, forward_bytes
 
 MiB = 1 << 20
 
@@ -34,8 +35,9 @@ def test_budget_binds(long_input):
 
 def test_a_budget_below_one_position_warns(long_input):
     heta, ids = long_input
-    with pytest.warns(ResourceWarning, match="memory_budget .* is below the estimated"):
-        heta.attribute(ids[:40], samples=1, memory_budget=1 * MiB)
+    budget = forward_bytes(heta.lm, 41)  # the shared forward fits, one position's HVPs do not
+    with pytest.warns(MemoryBudgetWarning, match="memory_budget .* is below the estimated"):
+        heta.attribute(ids[:40], samples=1, memory_budget=budget)
 
 
 def test_linear_kl_chunks_keep_memory_bounded():
@@ -59,7 +61,7 @@ def test_semantic_flow_makes_no_copy_of_the_attention():
     lm = CausalLM(tiny_llama(1, layers=4))
     n = 192
     E = lm.embed(random_ids(7, n))
-    with torch.no_grad(), lm.capture_values("attention") as values:
+    with torch.no_grad(), lm.prepared(), lm.capture_values("attention") as values:
         out = lm.hidden(E[None], output_attentions=True)
         values = list(values)
     one_layer = lm.num_heads * n * n * 4

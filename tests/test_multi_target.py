@@ -16,10 +16,11 @@ import torch
 from conftest import VOCAB, random_ids, rel_err, tiny_gpt2, tiny_llama
 
 from heta_fast import HETA, HETAConfig, kl
-from heta_fast.attribution import Attribution, MultiAttribution
-from heta_fast.multi_target import components_many, shifted_kl
+from heta_fast.kl import shifted_kl
+from heta_fast.pipeline import Ops
+from heta_fast.pipeline import run as components_many
+from heta_fast.results import Attribution, MultiAttribution
 from heta_fast.semantic_flow import prediction_rows
-from heta_fast.torch_backend import Ops
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,6 +7,7 @@ import torch
 from conftest import random_ids
 
 from heta_fast import HETA
+from heta_fast.memory import MemoryBudgetWarning, forward_bytes
 from heta_fast.probes import hash32, hash32_int, rademacher, unk_vectors
 
 
@@ -66,7 +67,9 @@ def test_scores_do_not_depend_on_batch_size(model, fresh_seed):
     """Different memory budgets batch positions differently; the probes (and so S) stay the same."""
     heta = HETA(model)
     ids = random_ids(fresh_seed, 14)
-    one = heta.attribute(ids, samples=2, seed=fresh_seed, memory_budget=1)  # one position per batch
+    budget = forward_bytes(heta.lm, 14)  # just the shared forward: one position per batch
+    with pytest.warns(MemoryBudgetWarning):
+        one = heta.attribute(ids, samples=2, seed=fresh_seed, memory_budget=budget)
     many = heta.attribute(ids, samples=2, seed=fresh_seed, memory_budget=1 << 30)
     ref = heta.attribute(ids, samples=2, seed=fresh_seed, backend="reference")
     from conftest import rel_err

@@ -113,10 +113,11 @@ def test_non_causal_models_are_refused(build):
         HETA(model)
 
 
-def test_unsupported_architecture_names_what_is_missing():
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+def test_unsupported_family_is_named_with_the_supported_ones():
+    from transformers import OPTConfig, OPTForCausalLM
 
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                             intermediate_size=64, vocab_size=50))
-    with pytest.raises(TypeError, match="GPTNeoXForCausalLM: layer 0 has no self_attn or attn module"):
+    model = OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
+                                     vocab_size=50, word_embed_proj_dim=32))
+    with pytest.raises(TypeError, match=r"OPTForCausalLM \(model_type 'opt'\) is not a supported model family; "
+                                        r"supported families \(transformers model_type\): cohere, gemma, "):
         HETA(model)

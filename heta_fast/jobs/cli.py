@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 
-from heta_fast.config import BACKENDS, HESSIANS, MASKS, HETAConfig
 from heta_fast.jobs import ENGINES, attribute_dataset
 from heta_fast.jobs.io import FORMATS, Columns
 
@@ -23,7 +22,7 @@ EXIT_OK = 0
 def add_parser(subparsers) -> None:
     # heta_fast.cli imports this module to register the command, so its helpers are imported
     # here, when the parser is built, not at module level (that would be an import cycle).
-    from heta_fast.cli import EMBEDDED_NAME, parse_bytes
+    from heta_fast.cli import EMBEDDED_NAME, add_config_options
 
     parser = subparsers.add_parser(
         "attribute-dataset", help="attribute every row of a JSONL, CSV or Parquet file (resumable)",
@@ -42,24 +41,11 @@ def add_parser(subparsers) -> None:
         cols.add_argument(f"--{role.replace('_', '-')}-column", dest=f"{role}_column", metavar="NAME",
                           default=role, help=f"the {role} column (default {role!r})")
 
-    method = parser.add_argument_group("method (defaults from HETA_SPEC)")
-    method.add_argument("--hessian", choices=HESSIANS, default=None, help="estimator of S (default exact)")
-    method.add_argument("--hessian-rank", type=int, default=None, help="rank of the low_rank sketch (default 32)")
-    method.add_argument("--hessian-topk", type=int, default=None, help="tokens of gauss_newton (default 8)")
-    method.add_argument("--hessian-layers", type=int, default=None, help="layers of layer_subset (default 4)")
-    method.add_argument("--samples", "-m", type=int, metavar="M", default=None, help="probes per token (default 10)")
-    method.add_argument("--seed", type=int, default=None, help="probe seed (default 0)")
-    method.add_argument("--mask", choices=MASKS, default=None, help="mask for I (default zero)")
-    method.add_argument("--beta", type=float, default=None, help="weight of S (default 0.5)")
-    method.add_argument("--gamma", type=float, default=None, help="weight of I (default 0.5)")
-
-    run = parser.add_argument_group("how to run")
+    groups = add_config_options(parser)  # every HETAConfig field, as for `attribute`
+    run = groups["run"]
     run.add_argument("--engine", choices=ENGINES, default="local",
                      help="local: this process, one model (default); ray: Ray Data actors, one model each")
-    run.add_argument("--backend", choices=BACKENDS, default=None, help="implementation (default auto)")
     run.add_argument("--device", default=None, help="torch device for the model (default: the CPU)")
-    run.add_argument("--memory-budget", type=parse_bytes, metavar="BYTES", default=None,
-                     help="memory each worker's batched work may use, e.g. 2G (default: from free memory)")
     run.add_argument("--retry-errors", action="store_true",
                      help="run rows again whose earlier attempt left an error record (default: skip them)")
     run.add_argument("--actors", type=int, default=2, help="ray: number of actors, one model each (default 2)")
@@ -73,18 +59,15 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(handler=run_attribute_dataset)
 
 
-CONFIG_FLAGS = ("hessian", "hessian_rank", "hessian_topk", "hessian_layers", "samples", "seed", "mask", "beta",
-                "gamma", "backend", "memory_budget")
-
-
 def run_attribute_dataset(args: argparse.Namespace) -> int:
-    from heta_fast.cli import _check_device, _check_model_folder, _transformers_output  # see add_parser
+    from heta_fast import cli  # see add_parser
 
-    config = HETAConfig(**{k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None})
+
+    config = cli.config_from_args(args)
     columns = Columns(**{role: getattr(args, f"{role}_column") for role in Columns.__dataclass_fields__})
-    _check_device(args.device)
-    _check_model_folder(args.model)
-    with _transformers_output(args.quiet):
+    cli._check_device(args.device)
+    cli._check_model_folder(args.model)
+    with cli._transformers_output(args.quiet):
         attribute_dataset(args.input, args.out, model=args.model, config=config, columns=columns,
                           format=args.format, engine=args.engine, retry_errors=args.retry_errors, quiet=args.quiet,
                           device=args.device, actors=args.actors, threads=args.threads_per_actor,

@@ -23,12 +23,15 @@ a result or an error:
   ``seconds`` (wall time of the row), then exactly the fields of ``Attribution.to_dict()``:
   ``target_pos``, ``target_id``, ``target_token``, ``context_ids``, ``context_tokens``,
   ``scores``, ``M``, ``S``, ``I`` (``[n]`` lists), ``config`` (every ``HETAConfig`` field, seed
-  included), ``backend``, ``timings`` (seconds per component);
+  included), ``backend``, ``timings`` (seconds per component), ``text`` and ``offsets`` (the
+  row's text and each token's character span; null where the tokenizer gives none) and
+  ``special`` (which context tokens are the tokenizer's special tokens);
 - result, ``kind`` ``"multi"`` (``prompt`` + ``answer`` and ``messages`` rows): ``id``, ``kind``,
   ``heta_fast_version``, ``seconds``, then the fields of ``MultiAttribution.to_dict()``:
   ``targets``, ``target_ids``, ``target_tokens``, ``context_ids``, ``context_tokens``, ``scores``,
   ``M``, ``S``, ``I`` (ragged: row ``k`` has ``targets[k]`` entries), ``config``, ``backend``,
-  ``timings``, ``row_timings``, ``prompt_length`` (the number of prompt tokens: targets start there);
+  ``timings``, ``row_timings``, ``prompt_length`` (the number of prompt tokens: targets start there),
+  ``text``/``offsets`` (null: these rows are tokenised in two parts) and ``special``;
 - error: ``{"id": ..., "error": "ExceptionType: message"}``.
 
 ``id`` is always written as a string (``str`` of the input's id), so ids from JSON numbers and
@@ -58,7 +61,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from heta_fast.attribution import Attribution, MultiAttribution
+from heta_fast.results import Attribution, MultiAttribution
 
 FORMATS = ("jsonl", "parquet")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -66,10 +69,11 @@ JOURNAL_SUFFIX = ".journal.jsonl"
 
 # Fields every result record carries besides the attribution's own to_dict().
 RECORD_FIELDS = ("id", "kind", "heta_fast_version", "seconds")
+SOURCE_FIELDS = ("text", "offsets", "special")  # heta_fast.results: the source text, token offsets, special flags
 SINGLE_FIELDS = ("target_pos", "target_id", "target_token", "context_ids", "context_tokens", "scores", "M", "S",
-                 "I", "config", "backend", "timings")
+                 "I", "config", "backend", "timings") + SOURCE_FIELDS
 MULTI_FIELDS = ("targets", "target_ids", "target_tokens", "context_ids", "context_tokens", "scores", "M", "S", "I",
-                "config", "backend", "timings", "row_timings", "prompt_length")
+                "config", "backend", "timings", "row_timings", "prompt_length") + SOURCE_FIELDS
 ERROR_FIELDS = ("id", "error")
 OUTPUT_SCHEMA = {"single": RECORD_FIELDS + SINGLE_FIELDS, "multi": RECORD_FIELDS + MULTI_FIELDS,
                  "error": ERROR_FIELDS}
@@ -264,7 +268,8 @@ def _parquet_schema():
         ("target_token", pa.string()), ("targets", ints), ("target_ids", ints), ("target_tokens", strs),
         ("context_ids", ints), ("context_tokens", strs), ("scores", rows), ("M", rows), ("S", rows), ("I", rows),
         ("config", pa.string()), ("backend", pa.string()), ("timings", pa.string()), ("row_timings", pa.string()),
-        ("prompt_length", pa.int64()),
+        ("prompt_length", pa.int64()), ("text", pa.string()), ("offsets", pa.list_(ints)),
+        ("special", pa.list_(pa.bool_())),
     ])
 
 

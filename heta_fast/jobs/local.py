@@ -98,8 +98,8 @@ class RowRunner:
             if target_token is not None and not isinstance(target_token, (str, int)):
                 raise TypeError(f"{c.target_token!r} must be a token string or an int id, "
                                 f"got {type(target_token).__name__}")
-            ids = self.heta.tokenize(text)
-            return PreparedRow(key, len(ids), lambda: self.heta.attribute(ids, target_pos=target_pos,
+            length = len(self.heta.tokenize(text))  # the text itself goes in: results keep it and its offsets
+            return PreparedRow(key, length, lambda: self.heta.attribute(text, target_pos=target_pos,
                                                                           target_token=target_token,
                                                                           config=self.config))
         if kinds[0] == "prompt":
