@@ -87,7 +87,7 @@ def attribute_dataset(source: Any, out: str | os.PathLike, *, model: str | HETA 
     if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus < 0):
         raise ValueError(f"gpus must be a number >= 0 (or None), got {gpus!r}")
     if fmt == "parquet" or (not isinstance(source, list) and str(source).lower().endswith((".parquet", ".pq"))):
-        io._pyarrow_parquet()
+        io.pyarrow_parquet()
     if engine == "ray":
         import_ray()
     report = JobReport(out=out, engine=engine)

@@ -135,7 +135,7 @@ def check_source(source: Any) -> None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"input file not found: {path}")
         return
-    if _is_hf_dataset(source) or isinstance(source, list):
+    if is_hf_dataset(source) or isinstance(source, list):
         return
     raise TypeError(f"input must be a file path, a datasets.Dataset or a list of dicts, got {type(source).__name__}")
 
@@ -145,7 +145,7 @@ def read_rows(source: Any) -> list[dict]:
     check_source(source)
     if isinstance(source, list):
         rows = source
-    elif _is_hf_dataset(source):
+    elif is_hf_dataset(source):
         rows = [dict(row) for row in source]
     else:
         path = os.fspath(source)
@@ -157,7 +157,7 @@ def read_rows(source: Any) -> list[dict]:
     return [dict(row) for row in rows]
 
 
-def _is_hf_dataset(source: Any) -> bool:
+def is_hf_dataset(source: Any) -> bool:
     cls = type(source)
     return cls.__name__ == "Dataset" and cls.__module__.startswith("datasets")
 
@@ -181,10 +181,10 @@ def _read_csv(path: str) -> list[dict]:
 
 
 def _read_parquet(path: str) -> list[dict]:
-    return _pyarrow_parquet().read_table(path).to_pylist()
+    return pyarrow_parquet().read_table(path).to_pylist()
 
 
-def _pyarrow_parquet():
+def pyarrow_parquet():
     try:
         import pyarrow.parquet as pq
     except ModuleNotFoundError:
@@ -254,7 +254,7 @@ def read_records(path: str) -> list[dict]:
     """Every record of a job's output file (JSON Lines or Parquet), in file order."""
     path = os.fspath(path)
     if path.lower().endswith((".parquet", ".pq")):
-        return [_from_parquet_row(row) for row in _pyarrow_parquet().read_table(path).to_pylist()]
+        return [_from_parquet_row(row) for row in pyarrow_parquet().read_table(path).to_pylist()]
     return _read_jsonl(path)
 
 
@@ -306,7 +306,7 @@ def write_parquet(records: list[dict], path: str) -> None:
     """All records into one Parquet file, atomically (a temporary file renamed over ``path``)."""
     import pyarrow as pa
 
-    pq = _pyarrow_parquet()
+    pq = pyarrow_parquet()
     table = pa.Table.from_pylist([_to_parquet_row(r) for r in records], schema=PARQUET_SCHEMA())
     tmp = f"{path}.tmp-{os.getpid()}"
     pq.write_table(table, tmp)

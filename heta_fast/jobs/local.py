@@ -241,7 +241,7 @@ def run_local(rows: list[dict], writer: io.RecordWriter, heta: HETA, config: HET
             try:
                 prepared.append(runner.prepare(row))
             except Exception as exc:  # noqa: BLE001 - a bad row becomes its error record
-                _write(writer, io.error_record(io.row_id(row, columns), exc), report, bar)
+                write_record(writer, io.error_record(io.row_id(row, columns), exc), report, bar)
         # Similar lengths back to back: the fast path's batch sizes and buffer shapes then change
         # little from one row to the next (the gain is not measured separately; see BENCHMARKS.md).
         prepared.sort(key=lambda p: p.length)
@@ -250,13 +250,14 @@ def run_local(rows: list[dict], writer: io.RecordWriter, heta: HETA, config: HET
                 record = runner.run(item)
             except Exception as exc:  # noqa: BLE001
                 record = io.error_record(item.key, exc)
-            _write(writer, record, report, bar)
+            write_record(writer, record, report, bar)
     finally:
         if bar is not None:
             bar.close()
 
 
-def _write(writer: io.RecordWriter, record: dict, report: JobReport, bar) -> None:
+def write_record(writer: io.RecordWriter, record: dict, report: JobReport, bar) -> None:
+    """Append one record and count it in the report (done or failed) and on the progress bar."""
     writer.write(record)
     if "error" in record:
         report.failed += 1

@@ -32,7 +32,7 @@ import torch
 
 from heta_fast.config import HETAConfig
 from heta_fast.jobs import io
-from heta_fast.jobs.local import JobReport, ModelFactory, RowRunner, _write, build_heta, progress_bar
+from heta_fast.jobs.local import JobReport, ModelFactory, RowRunner, build_heta, progress_bar, write_record
 
 # Actor restarts and task retries after a worker dies: enough for a few crashes per job without
 # looping forever on a row that kills its worker every time.
@@ -80,7 +80,7 @@ def read_dataset(ray, source: Any, columns: io.Columns):
     rd = ray.data
     if isinstance(source, list):
         return rd.from_items(source)
-    if io._is_hf_dataset(source):
+    if io.is_hf_dataset(source):
         return rd.from_huggingface(source)
     path = os.path.abspath(os.fspath(source))
     kind = io.input_format(path)
@@ -141,7 +141,7 @@ def run_ray(source: Any, writer: io.RecordWriter, *, model: str | None, model_fa
                     record = json.loads(line)
                     if record["id"] in writer.done:  # a retried batch after an actor restart
                         continue
-                    _write(writer, record, report, bar)
+                    write_record(writer, record, report, bar)
         finally:
             if bar is not None:
                 bar.close()
