@@ -1,8 +1,10 @@
 """heta_fast: fast, exact HETA (Hessian-Enhanced Token Attribution) for decoder-only language models."""
 
+from heta_fast._version import __version__
 from heta_fast.api import HETA
 from heta_fast.config import HETAConfig
+from heta_fast.jobs import attribute_dataset
 from heta_fast.results import Aggregation, Attribution, MultiAttribution
 
-__all__ = ["HETA", "HETAConfig", "Attribution", "MultiAttribution", "Aggregation"]
-__version__ = "0.1.0"
+__all__ = ["HETA", "HETAConfig", "Attribution", "MultiAttribution", "Aggregation", "attribute_dataset",
+           "__version__"]

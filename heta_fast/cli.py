@@ -36,6 +36,7 @@ from heta_fast import __version__, render, results
 from heta_fast.api import HETA
 from heta_fast.backends import check
 from heta_fast.config import OPTION_GROUPS, HETAConfig, field_names
+from heta_fast.jobs import cli as jobs_cli
 
 # Errors the library raises for bad input; they become `error: ...` and exit code 2.
 # OSError covers FileNotFoundError and transformers' "not a model folder or hub name" errors.
@@ -409,6 +410,7 @@ def run_show(args: argparse.Namespace) -> int:
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "attribute": add_attribute_parser,
     "show": add_show_parser,
+    "attribute-dataset": jobs_cli.add_parser,
 }
 
 

@@ -23,11 +23,11 @@ import pytest
 import torch
 import transformers as tf
 from helpers import rel_err
-from heta_fast.probes import rademacher
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from heta_fast import HETA, backends, families
+from heta_fast.rng import rademacher
 
 VOCAB, WINDOW, CONTEXT, SAMPLES = 97, 4, 11, 2
 TOLERANCE = {"M": 1e-4, "I": 1e-4, "S": 1e-3}

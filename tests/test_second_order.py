@@ -11,9 +11,10 @@ from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
 
-from heta_fast import HETA, hessian
+from heta_fast import HETA
 from heta_fast.config import HETAConfig
 from heta_fast.second_order import fused_second_order, gelu, layer_norm, rms_norm, swiglu
+from heta_fast.sensitivity import exact as hessian
 
 
 def _stock_swiglu(g, u):

@@ -1,0 +1,194 @@
+"""Corpus throughput on SmolLM2-135M: rows per hour of ``attribute_dataset`` and the peak memory.
+
+    python -m benchmarks.bench_dataset                                   # 200 prompts, every estimator, both engines
+    python -m benchmarks.bench_dataset --prompts 200 --estimators gauss_newton low_rank --engines local ray
+    python -m benchmarks.bench_dataset --prompts 4 --estimators exact --engines local --out /tmp/d.json
+
+Prompts: ``--prompts`` windows of the curated QA text (``--data``; a built-in text when it is
+missing), each ``32 .. 128`` tokens long (``--min-tokens``/``--max-tokens``, lengths drawn with a
+fixed seed, so every run and estimator gets the same prompts); the target is each prompt's last
+token. Every (estimator, engine) pair runs as its own job in a fresh subprocess (so each peak
+is its own) under ``--memory-budget``:
+
+- ``local``: this machine's one-process engine with ``--threads`` torch threads;
+- ``ray``: a local Ray instance with ``--actors`` actors of one thread each.
+
+Per run it reports the rows done, the job's wall time (model loads and Ray start-up included),
+rows per hour from that wall time, rows per hour of the attribution alone (rows / the sum of the
+records' ``seconds``, per worker), the load average before and after, and the peak resident
+memory: of the process (``ru_maxrss``) for ``local``, of the largest actor (sampled every 0.2 s)
+for ``ray``, against the model's resident size plus ``--memory-budget``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from benchmarks.bench_smollm import DATA, commit, machine, prompt_text
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "dataset.json"
+ESTIMATORS = ("exact", "low_rank", "gauss_newton")
+ENGINES = ("local", "ray")
+
+
+def make_prompts(tokenizer, text: str, count: int, lo: int, hi: int, seed: int = 0) -> list[dict]:
+    """``count`` rows ``{"id", "text"}`` of ``lo .. hi`` tokens each, cut from ``text`` at random offsets."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    rng = random.Random(seed)
+    rows = []
+    for k in range(count):
+        n = rng.randint(lo, hi)
+        start = rng.randrange(0, len(ids) - n)
+        rows.append({"id": f"p{k:04d}", "text": tokenizer.decode(ids[start:start + n]), "tokens": n})
+    return rows
+
+
+class PeakSampler(threading.Thread):
+    """The largest resident set of any Ray actor process (``MapWorker`` in its title), sampled."""
+
+    def __init__(self, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.interval, self.peak, self._halt = interval, 0, threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._halt.is_set():
+            for proc in me.children(recursive=True):
+                try:
+                    if "MapWorker" in " ".join(proc.cmdline()):
+                        self.peak = max(self.peak, proc.memory_info().rss)
+                except psutil.Error:
+                    continue
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join()
+        return self.peak
+
+
+def child(args: argparse.Namespace) -> dict:
+    """One job (``--child ESTIMATOR ENGINE``), run in this process; returns its figures."""
+    import torch
+
+    from heta_fast import HETAConfig, attribute_dataset
+    from heta_fast.jobs.io import read_records
+
+    estimator, engine = args.child
+    torch.set_num_threads(args.threads)
+    config = HETAConfig(hessian=estimator, memory_budget=args.memory_budget)
+    out = Path(args.work) / f"{estimator}-{engine}.jsonl"
+    if out.exists():
+        out.unlink()
+    load_before = os.getloadavg()
+    sampler = PeakSampler() if engine == "ray" else None
+    if sampler:
+        sampler.start()
+    report = attribute_dataset(args.input, out, config=config, engine=engine, quiet=True, actors=args.actors,
+                               threads=1, batch_size=args.batch_size)
+    actor_peak = sampler.stop() if sampler else None
+    records = [r for r in read_records(str(out)) if "error" not in r]
+    compute = sum(r["seconds"] for r in records)
+    workers = args.actors if engine == "ray" else 1
+    return {
+        "estimator": estimator, "engine": engine, "rows": report.done, "failed": report.failed,
+        "wall_s": report.seconds, "rows_per_hour_wall": 3600 * report.done / report.seconds,
+        "rows_per_hour_compute": 3600 * len(records) * workers / compute if compute else None,
+        "median_row_s": sorted(r["seconds"] for r in records)[len(records) // 2] if records else None,
+        "tokens": [len(r["context_ids"]) for r in records],
+        "peak_rss_bytes": actor_peak if engine == "ray" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "memory_budget": args.memory_budget, "load_before": load_before, "load_after": os.getloadavg(),
+    }
+
+
+def model_rss() -> int:
+    """Resident bytes of a process that has only loaded the model (the baseline of the peaks)."""
+    code = ("import resource; from heta_fast import HETA; HETA.from_pretrained(); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              cwd=REPO).stdout.split()[-1])
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=200)
+    parser.add_argument("--exact-prompts", type=int, default=None, help="prompts for exact (default: --prompts)")
+    parser.add_argument("--min-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS))
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the local engine")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--memory-budget", type=int, default=1 << 30)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per job before it is stopped")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return {}
+
+    from heta_fast import HETA
+
+    tokenizer = HETA.from_pretrained().tokenizer
+    text, source = prompt_text(args.data)
+    work = tempfile.mkdtemp(prefix="bench-dataset-")
+    results = {"machine": machine(), "commit": commit(), "data": source, "memory_budget": args.memory_budget,
+               "model_rss_bytes": model_rss(), "runs": []}
+    for estimator in args.estimators:
+        count = args.exact_prompts if estimator == "exact" and args.exact_prompts else args.prompts
+        rows = make_prompts(tokenizer, text, count, args.min_tokens, args.max_tokens)
+        path = Path(work) / f"prompts-{count}.jsonl"
+        path.write_text("".join(json.dumps({"id": r["id"], "text": r["text"]}) + "\n" for r in rows))
+        for engine in args.engines:
+            cmd = [sys.executable, "-m", "benchmarks.bench_dataset", "--child", estimator, engine, "--input",
+                   str(path), "--work", work, "--actors", str(args.actors), "--threads", str(args.threads),
+                   "--batch-size", str(args.batch_size), "--memory-budget", str(args.memory_budget)]
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            start = time.time()
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=args.timeout)
+                run = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else \
+                    {"estimator": estimator, "engine": engine, "error": done.stderr[-2000:]}
+            except subprocess.TimeoutExpired:
+                run = {"estimator": estimator, "engine": engine, "error": f"stopped after {args.timeout} s"}
+            run["prompts"] = count
+            run["started"] = time.strftime("%H:%M:%S", time.gmtime(start))
+            results["runs"].append(run)
+            print(format_run(run, results["model_rss_bytes"]), flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def format_run(run: dict, model_rss_bytes: int) -> str:
+    if "error" in run:
+        return f"{run['estimator']:>12} {run['engine']:>5}: failed: {run['error'][-300:]}"
+    gib = 2 ** 30
+    return (f"{run['estimator']:>12} {run['engine']:>5}: {run['rows']}/{run['prompts']} rows in {run['wall_s']:.0f} s, "
+            f"{run['rows_per_hour_wall']:.0f} rows/h (wall), {run['rows_per_hour_compute']:.0f} rows/h (compute), "
+            f"median row {run['median_row_s']:.2f} s, peak RSS {run['peak_rss_bytes'] / gib:.2f} GiB "
+            f"(model {model_rss_bytes / gib:.2f} + budget {run['memory_budget'] / gib:.2f}), "
+            f"load {run['load_before'][0]:.1f} -> {run['load_after'][0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
