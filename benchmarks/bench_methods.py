@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import datetime
 import importlib
-import json
 import statistics
 import sys
 import time
@@ -55,6 +54,7 @@ from benchmarks.common import (
     machine,
     prompt_ids,
     prompt_text,
+    save_json,
 )
 from heta_fast import HETA
 
@@ -238,9 +238,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = run(args.lengths, args.samples, args.repeats, args.budget, args.ig_steps, args.threads, args.model,
               args.curated, args.released, args.released_entry)
     print(format_table(out))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    save_json(args.out, out)
     return out
 
 

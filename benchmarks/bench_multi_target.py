@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from benchmarks.common import (
     machine,
     prompt_ids,
     prompt_text,
+    save_json,
 )
 from heta_fast import HETA, HETAConfig, pipeline
 
@@ -172,9 +172,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     check_curated(parser, args)
     figures = run(args.prompt_tokens, args.targets, args.repeats, args.threads, args.curated, args.one_at_a_time)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    save_json(args.out, figures)
     return figures
 
 

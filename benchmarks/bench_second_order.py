@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from benchmarks.common import (
     machine,
     prompt_ids,
     prompt_text,
+    save_json,
 )
 from heta_fast import HETA
 from heta_fast.allocator import retained_heap
@@ -127,9 +127,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     check_curated(parser, args)
     out = run(args.lengths, args.samples, args.repeats, args.threads, args.curated, first_batch=args.first_batch,
               memory_budget=None if args.memory_budget_gib is None else int(args.memory_budget_gib * 2**30))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    save_json(args.out, out)
     return out
 
 

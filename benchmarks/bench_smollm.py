@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import math
 import random
 import statistics
@@ -50,6 +49,7 @@ from benchmarks.common import (
     machine,
     prompt_ids,
     prompt_text,
+    save_json,
 )
 from heta_fast import kl, memory, reference
 from heta_fast.allocator import retained_heap
@@ -471,9 +471,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
               position_sample=args.position_sample, full_budget=args.full_budget, components=args.components,
               seed=args.seed, curated=args.curated, check_sampling=not args.no_check_sampling, threads=args.threads)
     print(format_table(out))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2, default=float) + "\n")
-    print(f"\nwrote {args.out}")
+    save_json(args.out, out)
     return out
 
 

@@ -106,3 +106,10 @@ def prompt_ids(tokenizer, text: str, n: int) -> torch.Tensor:
     if len(ids) < n + 1:
         raise ValueError(f"the prompt text has {len(ids)} tokens, fewer than the {n + 1} needed")
     return torch.tensor(ids[: n + 1], dtype=torch.long)
+
+
+def save_json(path: Path, figures: dict) -> None:
+    """Write a benchmark's figures to ``path`` (folders made as needed) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=2, default=float) + "\n")
+    print(f"wrote {path}")

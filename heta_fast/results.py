@@ -44,8 +44,20 @@ class _Page:
         return render.html(self, fragment=True)
 
 
-@dataclass
-class Attribution(_Page):
+class _Table:
+    """Printed as a table of its rows, best first (``render.table``); the repr shows the first ten."""
+
+    def __str__(self) -> str:
+        return render.table(self)
+
+    def __repr__(self) -> str:
+        shown = min(len(self), 10)
+        more = f"\n... {len(self) - shown} more" if len(self) > shown else ""
+        return f"{type(self).__name__}(\n{render.table(self, shown)}{more}\n)"
+
+
+@dataclass(repr=False)
+class Attribution(_Page, _Table):
     """HETA scores for the context of one target token.
 
     scores, M, S, I: ``[n]`` float tensors, one entry per context token ``x_0 .. x_{n-1}``
@@ -159,13 +171,6 @@ class Attribution(_Page):
         """A matplotlib ``Figure``: the ``k`` best tokens, each score split into ``M*beta*S`` and ``M*gamma*I``."""
         return render.figure(self, k=k, include_special=include_special)
 
-    def __str__(self) -> str:
-        return render.table(self)
-
-    def __repr__(self) -> str:
-        shown = min(len(self), 10)
-        more = f"\n... {len(self) - shown} more" if len(self) > shown else ""
-        return f"Attribution(\n{render.table(self, shown)}{more}\n)"
 
 
 @dataclass
@@ -331,8 +336,8 @@ class MultiAttribution(_Page):
         return f"MultiAttribution(\n{render.heat_map(self, max_rows=40)}\n)"
 
 
-@dataclass
-class Aggregation:
+@dataclass(repr=False)
+class Aggregation(_Table):
     """An ``Attribution`` over words or sentences (``Attribution.aggregate``).
 
     unit: ``words`` or ``sentences``; reducer: ``sum``, ``mean`` or ``max``. texts/spans: per unit,
@@ -379,13 +384,6 @@ class Aggregation:
         """A matplotlib ``Figure`` of the ``k`` best units (as ``Attribution.plot``)."""
         return render.figure(self, k=k)
 
-    def __str__(self) -> str:
-        return render.table(self)
-
-    def __repr__(self) -> str:
-        shown = min(len(self), 10)
-        more = f"\n... {len(self) - shown} more" if len(self) > shown else ""
-        return f"Aggregation(\n{render.table(self, shown)}{more}\n)"
 
 
 def _reduce(values: torch.Tensor, reducer: str) -> torch.Tensor:

@@ -284,3 +284,16 @@ def test_chromium_renders_the_page(tmp_path, fresh_seed, kind):
     dom = _chromium("--dump-dom", page.as_uri()).stdout
     target = result.target_token if kind == "single" else result.target_tokens[1]
     assert html.escape(target.lstrip(), quote=False).replace(" ", '<span class="ws">·</span>') in dom
+
+
+def test_repr_is_the_first_ten_rows_of_the_table():
+    """The dataclass's own repr (every tensor in full) must not come back over the table."""
+    n = 13
+    values = torch.arange(n, dtype=torch.float32)
+    a = Attribution(scores=values, M=values / values.sum(), S=values, I=values,
+                    context_tokens=[f"t{i}" for i in range(n)], context_ids=list(range(n)), target_token="y",
+                    target_id=99, target_pos=n, config={"seed": 0}, backend="torch")
+    text = repr(a)
+    assert text.startswith("Attribution(\n") and text.endswith(f"\n... {n - 10} more\n)")
+    assert "tensor(" not in text
+    assert text.count(" 't") == 10 and str(a).count(" 't") == n  # token rows: the first ten, all in str()
