@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
-import re
 import sys
-import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TextIO
 
 import torch
@@ -35,7 +32,14 @@ import torch
 from heta_fast import __version__, render, results
 from heta_fast.api import HETA
 from heta_fast.backends import check
-from heta_fast.config import OPTION_GROUPS, HETAConfig, field_names
+from heta_fast.cli_options import (
+    EMBEDDED_NAME,
+    add_config_options,
+    check_device,
+    check_model_folder,
+    config_from_args,
+    transformers_output,
+)
 from heta_fast.jobs import cli as jobs_cli
 
 # Errors the library raises for bad input; they become `error: ...` and exit code 2.
@@ -43,8 +47,6 @@ from heta_fast.jobs import cli as jobs_cli
 INPUT_ERRORS = (ValueError, TypeError, ModuleNotFoundError, OSError)
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
-
-EMBEDDED_NAME = "the embedded SmolLM2-135M-Instruct"
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -58,68 +60,9 @@ class _Parser(argparse.ArgumentParser):
 
 # --- option parsing helpers ------------------------------------------------------------------
 
-_BYTE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """A byte count such as ``1048576``, ``512M``, ``2G`` or ``1.5GiB`` (binary units) -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (use e.g. 512M, 2G or a number of bytes)")
-    value = int(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()])
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"memory budget must be at least one byte, got {text!r}")
-    return value
-
-
 def _text_argument(text: str) -> str:
     """``-`` reads the text from stdin (for long inputs and pipes)."""
     return sys.stdin.read() if text == "-" else text
-
-
-# Named parsers a config field's metadata may ask for instead of its own type.
-_PARSERS: dict[str, Callable[[str], object]] = {"bytes": parse_bytes}
-
-
-def option_name(field: str) -> str:
-    """The command-line flag of a HETAConfig field: ``window_size`` -> ``--window-size``."""
-    return "--" + field.replace("_", "-")
-
-
-def add_config_options(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
-    """One option per ``HETAConfig`` field, from the field's metadata, in ``OPTION_GROUPS``' groups.
-
-    Each option stores under the field's name with default None (left out: HETAConfig's default,
-    named in the help). Booleans get ``--x/--no-x``. Returns the groups by key, so a command can
-    add its own options next to them (``--device`` under ``run``). ``config_from_args`` reads them back.
-    """
-    groups = {key: parser.add_argument_group(title) for key, title in OPTION_GROUPS.items()}
-    hints = typing.get_type_hints(HETAConfig)
-    for field in dataclasses.fields(HETAConfig):
-        meta = field.metadata
-        flags = [option_name(field.name)] + ([meta["short"]] if meta.get("short") else [])
-        help_text = meta["help"] if field.default is None else f"{meta['help']} (default {field.default})"
-        kwargs: dict = {"dest": field.name, "default": None, "help": help_text}
-        kind = next((t for t in typing.get_args(hints[field.name]) if t is not type(None)), hints[field.name])
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = _PARSERS[meta["type"]] if meta.get("type") else kind
-            if meta.get("choices"):
-                kwargs["choices"] = meta["choices"]
-            if meta.get("metavar"):
-                kwargs["metavar"] = meta["metavar"]
-        groups[meta.get("group", "method")].add_argument(*flags, **kwargs)
-    return groups
-
-
-def config_from_args(args: argparse.Namespace) -> HETAConfig:
-    """The ``HETAConfig`` the options describe; options left out keep HETAConfig's defaults.
-
-    Raises ValueError/TypeError (from HETAConfig) for bad values, before any model is loaded.
-    """
-    given = {name: getattr(args, name) for name in field_names() if getattr(args, name, None) is not None}
-    return HETAConfig(**given)
 
 
 def use_color(mode: str, stream: TextIO) -> bool:
@@ -189,26 +132,6 @@ class StageProgress:
             self.stream.flush()
             self._open = False
             self._width = 0
-
-
-@contextlib.contextmanager
-def _transformers_output(quiet: bool) -> Iterator[None]:
-    """Hide transformers' own loading bars (we draw our own progress), and its warnings too when quiet."""
-    try:
-        from transformers.utils import logging as hf_logging  # transformers takes seconds to import: on use
-    except ImportError:  # transformers is a dependency; missing, the load itself reports it
-        yield
-        return
-    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    if quiet:
-        hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 # --- attribute -------------------------------------------------------------------------------
@@ -318,36 +241,6 @@ def _show(result: results.Attribution | results.MultiAttribution, args: argparse
     return EXIT_OK
 
 
-def _check_device(name: str | None) -> None:
-    """Fail before the model loads when ``--device`` names nothing usable."""
-    if name is None:
-        return
-
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:  # torch says "Expected one of cpu, cuda, ..." as a RuntimeError
-        raise ValueError(f"unknown device {name!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but this torch build sees no CUDA GPU")
-
-
-def _check_model_folder(name: str | None) -> None:
-    """A ``--model`` that is clearly a path (hub names are ``name`` or ``owner/name``) must be a folder.
-
-    Without this, transformers reads a missing folder as a malformed hub name and says so.
-    """
-    if name is None:
-        return
-    path = os.path.expanduser(name)
-    if os.path.isdir(path):
-        return
-    if os.path.exists(path):
-        raise FileNotFoundError(f"--model {name!r} is a file; give the model's folder "
-                                "(config.json, weights, tokenizer files)")
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
-        raise FileNotFoundError(f"model folder not found: {name}")
-
-
 def run_attribute(args: argparse.Namespace) -> int:
     # Everything that can be checked without the model is checked first, so bad options fail in
     # a second instead of after a model load.
@@ -357,17 +250,17 @@ def run_attribute(args: argparse.Namespace) -> int:
     if args.target_pos is not None and args.target_pos < 1:
         raise ValueError(f"target position must be >= 1 (position 0 has no context), got {args.target_pos}")
     _check_output_options(args)
-    _check_device(args.device)
+    check_device(args.device)
     if config.backend == "triton":
 
 
         check("triton", torch.device(args.device) if args.device else None)
-    _check_model_folder(args.model)
+    check_model_folder(args.model)
     target = args.target_token if args.target_token is not None else args.target_id
 
     progress = None if args.quiet else StageProgress(sys.stderr)
 
-    with _transformers_output(args.quiet):
+    with transformers_output(args.quiet):
         if progress:
             progress.note(f"loading {args.model or EMBEDDED_NAME}")
         heta = HETA.from_pretrained(args.model, config, device=args.device)

@@ -18,7 +18,8 @@ import torch
 from helpers import tiny_gpt2
 
 from heta_fast import HETA, Attribution, HETAConfig, cli
-from heta_fast.cli import StageProgress, main, parse_bytes, use_color
+from heta_fast.cli import StageProgress, main, use_color
+from heta_fast.cli_options import add_config_options, parse_bytes
 from heta_fast.config import field_names
 
 TEXT = "The capital of France is Paris"
@@ -260,7 +261,7 @@ def test_help_documents_every_option(capsys):
     code, out, _ = run(capsys, "attribute", "--help")
     assert code == 0
     for option in ("--model", "--target-pos", "--target-token", "--target-id", "--backend", "--samples", "-m",
-                   "--seed", "--mask", "--beta", "--gamma", "--window-size", "--overlap", "--layer-subset",
+                   "--seed", "--mask", "--beta", "--gamma", "--window-size", "--overlap", "--flow-layers",
                    "--value-source", "--memory-budget", "--device", "--top", "--json", "--quiet", "--color",
                    "--hessian", "--hessian-rank", "--hessian-topk", "--hessian-layers", "--retain-heap",
                    "--no-retain-heap", "--html", "--png", "--words", "--sentences", "--include-special"):
@@ -311,7 +312,7 @@ def test_every_config_field_has_an_option_that_reaches_the_config(capsys):
 
 def test_add_config_options_serves_other_commands():
     parser = cli.argparse.ArgumentParser()
-    groups = cli.add_config_options(parser)
+    groups = add_config_options(parser)
     assert set(groups) == {"method", "run"}
     args = parser.parse_args(["--hessian", "low_rank", "--hessian-rank", "8", "--memory-budget", "1G"])
     assert cli.config_from_args(args) == HETAConfig(hessian="low_rank", hessian_rank=8, memory_budget=2**30)

@@ -13,6 +13,14 @@ from __future__ import annotations
 
 import argparse
 
+from heta_fast.cli_options import (
+    EMBEDDED_NAME,
+    add_config_options,
+    check_device,
+    check_model_folder,
+    config_from_args,
+    transformers_output,
+)
 from heta_fast.jobs import ENGINES, attribute_dataset
 from heta_fast.jobs.io import FORMATS, Columns
 
@@ -20,10 +28,6 @@ EXIT_OK = 0
 
 
 def add_parser(subparsers) -> None:
-    # heta_fast.cli imports this module to register the command, so its helpers are imported
-    # here, when the parser is built, not at module level (that would be an import cycle).
-    from heta_fast.cli import EMBEDDED_NAME, add_config_options
-
     parser = subparsers.add_parser(
         "attribute-dataset", help="attribute every row of a JSONL, CSV or Parquet file (resumable)",
         description="Attribute every row of IN (JSONL, CSV or Parquet; one job per row with an id and text, "
@@ -60,14 +64,11 @@ def add_parser(subparsers) -> None:
 
 
 def run_attribute_dataset(args: argparse.Namespace) -> int:
-    from heta_fast import cli  # see add_parser
-
-
-    config = cli.config_from_args(args)
+    config = config_from_args(args)
     columns = Columns(**{role: getattr(args, f"{role}_column") for role in Columns.__dataclass_fields__})
-    cli._check_device(args.device)
-    cli._check_model_folder(args.model)
-    with cli._transformers_output(args.quiet):
+    check_device(args.device)
+    check_model_folder(args.model)
+    with transformers_output(args.quiet):
         attribute_dataset(args.input, args.out, model=args.model, config=config, columns=columns,
                           format=args.format, engine=args.engine, retry_errors=args.retry_errors, quiet=args.quiet,
                           device=args.device, actors=args.actors, threads=args.threads_per_actor,
