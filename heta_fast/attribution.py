@@ -36,6 +36,7 @@ class Attribution:
     config: dict
     backend: str
     timings: dict = field(default_factory=dict)
+    sink_share: float | None = None  # config.sink: the sink token's share of the score, before it was dropped
 
     @property
     def seed(self) -> int:
@@ -69,6 +70,7 @@ class Attribution:
             "config": dict(self.config),
             "backend": self.backend,
             "timings": dict(self.timings),
+            "sink_share": self.sink_share,
         }
 
     @classmethod
@@ -77,7 +79,7 @@ class Attribution:
         return cls(context_tokens=list(data["context_tokens"]), context_ids=list(data["context_ids"]),
                    target_token=data["target_token"], target_id=int(data["target_id"]),
                    target_pos=int(data["target_pos"]), config=dict(data["config"]), backend=data["backend"],
-                   timings=dict(data.get("timings", {})), **tensors)
+                   timings=dict(data.get("timings", {})), sink_share=data.get("sink_share"), **tensors)
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)

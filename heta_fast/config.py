@@ -11,6 +11,8 @@ MASKS = ("zero", "mean", "unk")
 VALUE_SOURCES = ("attention", "residual")
 BACKENDS = ("auto", "reference", "torch", "triton")
 HESSIANS = ("exact", "low_rank", "gauss_newton", "layer_subset")
+SINKS = ("none", "bos")  # heta_fast.sink
+MIXES = ("raw", "normalised")  # heta_fast.mix
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,11 @@ class HETAConfig:
         ``hessian_topk`` most probable tokens plus the target) or ``layer_subset`` (curvature
         with respect to the residual stream entering the last ``hessian_layers`` layers).
         See docs/estimators.md for formulas and costs.
+    sink: ``none`` (the spec) or ``bos``: a sink token (BOS, or a designated one) is put before
+        the context when the input does not start with it, and left out of the scores
+        (``heta_fast.sink``). mix: ``raw`` (the spec's ``beta S + gamma I``) or ``normalised``
+        (``S`` and ``I`` each scaled to sum 1 over the context first; ``heta_fast.mix``).
+        ``HETAConfig.paper()`` is the spec's exact behaviour.
     """
 
     beta: float = 0.5
@@ -52,6 +59,8 @@ class HETAConfig:
     hessian_rank: int = 32
     hessian_topk: int = 8
     hessian_layers: int = 4
+    sink: str = "none"
+    mix: str = "raw"
 
     def __post_init__(self) -> None:
         for name in ("beta", "gamma"):
@@ -85,6 +94,15 @@ class HETAConfig:
             raise ValueError(f"unknown hessian estimator {self.hessian!r}; expected one of {', '.join(HESSIANS)}")
         for name in ("hessian_rank", "hessian_topk", "hessian_layers"):
             _check_int(name, getattr(self, name), minimum=1, what=f"{name} must be >= 1")
+        if self.sink not in SINKS:
+            raise ValueError(f"unknown sink {self.sink!r}; expected one of {', '.join(SINKS)}")
+        if self.mix not in MIXES:
+            raise ValueError(f"unknown mix {self.mix!r}; expected one of {', '.join(MIXES)}")
+
+    @classmethod
+    def paper(cls, **changes) -> HETAConfig:
+        """HETA_SPEC's exact behaviour (no sink, raw mix), with ``changes`` on top."""
+        return cls(**{"sink": "none", "mix": "raw", **changes})
 
     def replace(self, **changes) -> HETAConfig:
         """A copy with some fields changed (validated again)."""
