@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from heta_fast.config import BACKENDS, MASKS, VALUE_SOURCES, HETAConfig
+from heta_fast.evaluation.cli import add_eval_parser
 
 # Errors the library raises for bad input; they become `error: ...` and exit code 2.
 # OSError covers FileNotFoundError and transformers' "not a model folder or hub name" errors.
@@ -315,6 +316,7 @@ def run_attribute(args: argparse.Namespace) -> int:
 # A `bench` command goes here too, e.g. "bench": add_bench_parser, defined in its own module.
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "attribute": add_attribute_parser,
+    "eval": add_eval_parser,
 }
 
 

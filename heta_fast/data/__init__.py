@@ -1,0 +1,1 @@
+"""Package data: the project's curated evaluation set (``curated_qa.jsonl``)."""
