@@ -7,9 +7,13 @@ token after the prompt. HETA variants call ``HETA.attribute``; its parts (``M``,
 Baselines, on the model's log-probability of the target, ``g(E) = log softmax(f(E)_{n-1})[y]``,
 as a function of the input embeddings ``E`` ``[n, d]``:
 
-- ``integrated_gradients``: Captum ``IntegratedGradients`` from the zero embedding,
-  Gauss-Legendre with ``IG_STEPS`` steps; per token the signed sum over ``d``. Its completeness
-  error ``|sum a - (g(E) - g(0))|`` (Captum's convergence delta) is kept in ``LAST_IG_DELTA``.
+- ``integrated_gradients``: Captum ``IntegratedGradients`` from the vocabulary's mean
+  embedding (every row), Gauss-Legendre with ``IG_STEPS`` steps; per token the signed sum over
+  ``d``. Its completeness error ``|sum a - (g(E) - g(B))|`` (Captum's convergence delta) is kept
+  in ``LAST_IG_DELTA``. Why not the zero embedding: on SmolLM2 ``g`` along ``alpha E`` jumps
+  near 0 (``g`` = -10.8, -9.4, -15.7, -12.3 at alpha = 0, 1e-4, 1e-3, 1e-2: the first RMSNorm
+  rescales any nonzero row), and 32 steps left a completeness error of 297 against a change of
+  2.8; from the mean embedding the error at 32 steps was 10.6 against 4.1.
 - ``saliency``: Captum ``Saliency``; per token the L2 norm of ``dg/dE_i``.
 - ``input_x_gradient``: Captum ``InputXGradient``; per token the signed sum of ``E_i * dg/dE_i``.
 - ``occlusion``: Captum ``FeatureAblation`` with one feature per token and the zero embedding
@@ -35,7 +39,7 @@ from heta_fast.mix import mixed
 from heta_fast.semantic_flow import prediction_rows
 
 Method = Callable[..., torch.Tensor]
-IG_STEPS = 128
+IG_STEPS = 64
 LAST_IG_DELTA: dict[str, float] = {}  # the last IG call: {"delta": ..., "change": g(E) - g(0)}
 
 
@@ -103,10 +107,11 @@ def integrated_gradients(heta, ids: Sequence[int], target: int) -> torch.Tensor:
     E = _embeddings(heta, ids)
     g = _target_log_prob(heta, target)
     ig = _captum().IntegratedGradients(g)
-    attributions, delta = ig.attribute(E, baselines=torch.zeros_like(E), n_steps=IG_STEPS, internal_batch_size=32,
+    baseline = heta.lm.embedding.weight.detach().mean(dim=0).expand_as(E).clone()
+    attributions, delta = ig.attribute(E, baselines=baseline, n_steps=IG_STEPS, internal_batch_size=32,
                                        return_convergence_delta=True)
     with torch.no_grad():
-        change = float(g(E)[0] - g(torch.zeros_like(E))[0])
+        change = float(g(E)[0] - g(baseline)[0])
     LAST_IG_DELTA.clear()
     LAST_IG_DELTA.update(delta=float(delta.abs().max()), change=change)
     return attributions[0].sum(dim=-1).detach().float()
