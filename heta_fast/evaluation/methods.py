@@ -118,13 +118,13 @@ def integrated_gradients(heta, ids: Sequence[int], target: int) -> torch.Tensor:
 
 
 def saliency(heta, ids: Sequence[int], target: int) -> torch.Tensor:
-    E = _embeddings(heta, ids)
+    E = _embeddings(heta, ids).requires_grad_(True)
     grads = _captum().Saliency(_target_log_prob(heta, target)).attribute(E, abs=False)
     return grads[0].norm(dim=-1).detach().float()
 
 
 def input_x_gradient(heta, ids: Sequence[int], target: int) -> torch.Tensor:
-    E = _embeddings(heta, ids)
+    E = _embeddings(heta, ids).requires_grad_(True)
     return _captum().InputXGradient(_target_log_prob(heta, target)).attribute(E)[0].sum(dim=-1).detach().float()
 
 
