@@ -62,6 +62,16 @@ def _read_records(path: Path) -> list[dict]:
     return out
 
 
+def _drop_cut_line(path: Path) -> None:
+    """Truncate a records file after its last newline (a killed run may leave half a line)."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def run(heta, examples: Sequence[Example], protocol: str, method_names: Sequence[str], out: str | Path, *,
         slow_limit: int = 20, mask: str = "zero", seed: int = 0, samples: int = 10, sensitivity_examples: int = 0,
         log: Callable[[str], None] | None = None) -> list[dict]:
@@ -75,6 +85,7 @@ def run(heta, examples: Sequence[Example], protocol: str, method_names: Sequence
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RECORDS
+    _drop_cut_line(path)
     done = {(r["example"], r["method"]) for r in _read_records(path) if r.get("protocol") == protocol}
     methods = resolve(method_names, samples)
     with path.open("a") as sink:
