@@ -72,7 +72,7 @@ def _attribution(heta, ids: Sequence[int], target: int, config: HETAConfig):
     """``HETA.attribute`` of one input, kept while that input is evaluated: the parts and the
     mixes of one configuration share a call (the mix does not change ``M``, ``S``, ``I``)."""
     input_key = (id(heta), tuple(ids), int(target))
-    key = (*input_key, config if config.sink != "none" else config.replace(mix="raw"))  # sink_share: its mix
+    key = (*input_key, config.replace(mix="raw"))  # so sink_share is the sink's share under the raw mix
     if key not in _cache:
         for old in [k for k in _cache if k[:3] != input_key]:
             del _cache[old]

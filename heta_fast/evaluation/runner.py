@@ -260,12 +260,23 @@ def evaluate(heta, data: str | Path | None = None, *, protocol: str = "predicted
     examples = load_examples(data, limit)
     records = run(heta, examples, protocol, names, out, slow_limit=slow_limit, mask=mask, seed=seed,
                   samples=samples, sensitivity_examples=sensitivity_examples, log=log)
+    return report(records, protocol, out, data=str(data) if data is not None else "builtin", plot=plot)
+
+
+def report(records: Sequence[dict], protocol: str, out: str | Path, *, data: str = "", plot: bool = True) -> dict:
+    """Summarise ``records`` of one protocol into ``out/summary_PROTOCOL.{json,md}`` (and the figure)."""
     summary = summarise(records)
-    summary.update(protocol=protocol, data=str(data) if data is not None else "builtin", environment=environment())
+    summary.update(protocol=protocol, data=data, environment=environment())
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"summary_{protocol}.json").write_text(json.dumps(summary, indent=1))
     title = f"{protocol} protocol, {summary.get('examples', 0)} examples"
     (out / f"summary_{protocol}.md").write_text(markdown(summary, title) + "\n")
     if plot:
         figure(summary, out / f"figure_{protocol}.png", title)
     return summary
+
+
+def read_records(*paths: str | Path) -> list[dict]:
+    """The records of several ``records.jsonl`` files (runs split over processes), in order."""
+    return [r for path in paths for r in _read_records(Path(path))]
