@@ -111,3 +111,22 @@ def test_predicted_protocol_is_the_greedy_token(fresh_seed):
 def test_unknown_protocol():
     with pytest.raises(ValueError, match="unknown protocol 'qa'; expected one of answer, predicted, chat"):
         prepare(Example(**{**RAW, "important_words": ()}), "qa", word_tokenizer())
+
+
+@pytest.mark.smollm
+def test_smollm2_chat_and_answer_protocols():
+    from transformers import AutoTokenizer
+
+    from heta_fast.embedded import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    example = load_examples(limit=1)[0]
+    chat = prepare(example, "chat", tok)
+    names = [tok.decode([i]) for i in chat.ids]
+    assert names[0] == "<|im_start|>" and "".join(names[-6:]) == "<|im_end|>\n<|im_start|>assistant\n"
+    assert "".join(names[i] for i in chat.context) == example.text
+    assert chat.target == tok(example.answer, add_special_tokens=False)["input_ids"][0]
+    answer = prepare(example, "answer", tok)
+    assert "".join(tok.decode([i]) for i in answer.ids) == example.text + "\nAnswer:"
+    assert "".join(tok.decode([answer.ids[i]]) for i in answer.support).strip() == example.support
+    assert "".join(tok.decode([answer.ids[i]]) for i in answer.distractor) == example.distractor
