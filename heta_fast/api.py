@@ -13,12 +13,13 @@ from collections.abc import Sequence
 
 import torch
 
-from heta_fast import backends, pipeline
+from heta_fast import backends, pipeline, sink
 from heta_fast.checks import is_int
-from heta_fast.components import Components, Progress, combine, windowed
+from heta_fast.components import Components, Progress, windowed
 from heta_fast.config import HETAConfig
 from heta_fast.embedded import default_model_path
 from heta_fast.memory import check_fits, default_budget
+from heta_fast.mix import mixed
 from heta_fast.model import CausalLM
 from heta_fast.results import Attribution, MultiAttribution
 
@@ -133,14 +134,17 @@ class HETA:
             raise ValueError(f"target_pos {target_pos} is out of range: it must lie in [1, {last}] "
                              f"for {L} tokens (position 0 has no context)")
         y = self.target_id(target_token) if target_token is not None else ids[target_pos]
+        token = sink.sink_token_id(self.tokenizer, self.model)
+        ids, target_pos, added = sink.prepend(ids, target_pos, config.sink, token)
         backend = backends.resolve(config.backend, self.lm)
         self.check_size(target_pos + 1, config)
         context = torch.tensor(ids[:target_pos], dtype=torch.long)
         with self.lm.prepared():
             c = windowed(lambda window: backend.components(self.lm, window, config, progress), context, y,
                          config.window_size, config.overlap)
-        return self._with_source(self._attribution(c, context.tolist(), y, target_pos, config, backend.name),
-                                 text_or_ids)
+        c, share = sink.strip(c, added, config.beta, config.gamma, config.mix)
+        return self._with_source(self._attribution(c, context.tolist()[added:], y, target_pos - added, config,
+                                                   backend.name, share), text_or_ids)
 
     def attribute_targets(self, text_or_ids: str | Sequence[int] | torch.Tensor, targets: Sequence[int], *,
                           config: HETAConfig | None = None, progress: Progress | None = None,
@@ -159,7 +163,8 @@ class HETA:
         targets = pipeline.check_targets(targets, len(ids))
         backend = backends.resolve(config.backend, self.lm)
         self.check_size(max(targets) + 1, config)
-        if config.window_size and max(targets) > config.window_size:  # windows are cut per target
+        windows = bool(config.window_size) and max(targets) > config.window_size  # windows are cut per target
+        if windows or config.sink != "none":  # a sink is placed per target: explained one by one
             with self.lm.prepared():
                 rows = [self.attribute(ids, target_pos=t, config=config, progress=progress) for t in targets]
             return self._with_source(MultiAttribution.from_rows(rows, config=config.to_dict(), backend=backend.name,
@@ -248,13 +253,13 @@ class HETA:
         return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
 
     def _attribution(self, c: Components, context: list[int], y: int, target_pos: int, config: HETAConfig,
-                     backend: str) -> Attribution:
-        """Components of one target -> its ``Attribution`` (scores combined here)."""
+                     backend: str, sink_share: float | None = None) -> Attribution:
+        """Components of one target -> its ``Attribution`` (scores combined here, ``config.mix``)."""
         M, S, I = (x.detach().float().cpu() for x in (c.M, c.S, c.I))
-        return Attribution(scores=combine(Components(M, S, I), config.beta, config.gamma), M=M, S=S, I=I,
+        return Attribution(scores=mixed(Components(M, S, I), config.beta, config.gamma, config.mix), M=M, S=S, I=I,
                            context_tokens=self._token_strings(context), context_ids=list(context),
                            target_token=self._token_strings([y])[0], target_id=y, target_pos=target_pos,
-                           config=config.to_dict(), backend=backend, timings=c.timings)
+                           config=config.to_dict(), backend=backend, timings=c.timings, sink_share=sink_share)
 
     def _with_source(self, result: Attribution | MultiAttribution, text_or_ids) -> Attribution | MultiAttribution:
         """Mark the tokenizer's special tokens; for text input, keep the text and each token's character offsets

@@ -40,6 +40,7 @@ from heta_fast.cli_options import (
     config_from_args,
     transformers_output,
 )
+from heta_fast.evaluation.cli import add_eval_parser
 from heta_fast.jobs import cli as jobs_cli
 
 # Errors the library raises for bad input; they become `error: ...` and exit code 2.
@@ -304,6 +305,7 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "attribute": add_attribute_parser,
     "show": add_show_parser,
     "attribute-dataset": jobs_cli.add_parser,
+    "eval": add_eval_parser,
 }
 
 

@@ -13,6 +13,8 @@ MASKS = ("zero", "mean", "unk")
 VALUE_SOURCES = ("attention", "residual")
 BACKENDS = ("auto", "reference", "torch", "triton")
 HESSIANS = ("exact", "low_rank", "gauss_newton", "layer_subset")
+SINKS = ("none", "bos")  # heta_fast.sink
+MIXES = ("raw", "normalised")  # heta_fast.mix
 
 # Option groups of the command line, in the order ``--help`` shows them.
 OPTION_GROUPS = {"method": "method (defaults from docs/method.md §4)", "run": "how to run"}
@@ -52,6 +54,11 @@ class HETAConfig:
         ``hessian_topk`` most probable tokens plus the target) or ``layer_subset`` (curvature
         with respect to the residual stream entering the last ``hessian_layers`` layers).
         See docs/estimators.md for formulas and costs.
+    sink: ``none`` (the spec) or ``bos``: a sink token (BOS, or a designated one) is put before
+        the context when the input does not start with it, and left out of the scores
+        (``heta_fast.sink``). mix: ``raw`` (the spec's ``beta S + gamma I``) or ``normalised``
+        (``S`` and ``I`` each scaled to sum 1 over the context first; ``heta_fast.mix``).
+        ``HETAConfig.paper()`` is the spec's exact behaviour.
     """
 
     beta: float = _option(0.5, "weight of S, >= 0")
@@ -80,6 +87,10 @@ class HETAConfig:
                                 metavar="K")
     hessian_layers: int = _option(4, "layer_subset: curvature of the residual stream entering the last K layers",
                                   metavar="K")
+    sink: str = _option("none", "a sink token before the context, left out of the scores: none (the spec) or bos "
+                        "(heta_fast.sink)", choices=SINKS)
+    mix: str = _option("raw", "how S and I are mixed: raw (the spec's beta S + gamma I) or normalised (each "
+                       "scaled to sum 1 over the context first)", choices=MIXES)
 
     def __post_init__(self) -> None:
         for name in ("beta", "gamma"):
@@ -113,6 +124,15 @@ class HETAConfig:
             raise ValueError(f"unknown hessian estimator {self.hessian!r}; expected one of {', '.join(HESSIANS)}")
         for name in ("hessian_rank", "hessian_topk", "hessian_layers"):
             check_int(name, getattr(self, name), minimum=1, what=f"{name} must be >= 1")
+        if self.sink not in SINKS:
+            raise ValueError(f"unknown sink {self.sink!r}; expected one of {', '.join(SINKS)}")
+        if self.mix not in MIXES:
+            raise ValueError(f"unknown mix {self.mix!r}; expected one of {', '.join(MIXES)}")
+
+    @classmethod
+    def paper(cls, **changes) -> HETAConfig:
+        """The method exactly as docs/method.md defines it (no sink, raw mix), with ``changes`` on top."""
+        return cls(**{"sink": "none", "mix": "raw", **changes})
 
     def replace(self, **changes) -> HETAConfig:
         """A copy with some fields changed (validated again).

@@ -81,6 +81,7 @@ class Attribution(_Page, _Table):
     config: dict
     backend: str
     timings: dict = field(default_factory=dict)
+    sink_share: float | None = None  # config.sink: the sink token's share of the score, before it was dropped
     text: str | None = None
     offsets: list[tuple[int, int]] | None = None
     special: list[bool] | None = None
@@ -127,6 +128,7 @@ class Attribution(_Page, _Table):
             "config": dict(self.config),
             "backend": self.backend,
             "timings": dict(self.timings),
+            "sink_share": self.sink_share,
             **_source_to_dict(self),
         }
 
@@ -136,7 +138,8 @@ class Attribution(_Page, _Table):
         return cls(context_tokens=list(data["context_tokens"]), context_ids=list(data["context_ids"]),
                    target_token=data["target_token"], target_id=int(data["target_id"]),
                    target_pos=int(data["target_pos"]), config=dict(data["config"]), backend=data["backend"],
-                   timings=dict(data.get("timings", {})), **_source_from_dict(data), **tensors)
+                   timings=dict(data.get("timings", {})), sink_share=data.get("sink_share"), **_source_from_dict(data),
+                   **tensors)
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)

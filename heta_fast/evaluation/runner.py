@@ -1,0 +1,282 @@
+"""The evaluation loop: examples x methods -> per-example JSONL, a bootstrap summary, a figure.
+
+Each (example, method) pair is one JSON line in ``records.jsonl``, written as soon as it is
+done; a run started again with the same output folder skips the pairs already there, so a
+stopped run resumes. ``summary.json``/``summary.md`` hold per method and metric the mean over
+examples and a 95% percentile-bootstrap interval (``BOOTSTRAP`` resamples of the examples,
+seeded); ``figure.png`` plots the main metrics with those intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import transformers
+
+from heta_fast.evaluation import metrics
+from heta_fast.evaluation.data import Example, load_examples, prepare
+from heta_fast.evaluation.methods import LAST_IG_DELTA, available, is_slow, resolve
+
+BOOTSTRAP = 1000
+METRICS = ("soft_nc", "soft_ns", "soft_c_za", "soft_s_za", "comprehensiveness", "sufficiency", "dsa", "f1",
+           "first_share")
+LOWER_IS_BETTER = frozenset({"sufficiency", "sensitivity", "first_share", "seconds"})
+FIGURE_METRICS = ("dsa", "comprehensiveness", "sufficiency", "soft_nc", "soft_ns", "f1")
+SEED_PAIR = ("heta_exact", "heta_exact_seed1")
+FIDELITY_REFERENCE = "heta_exact"
+RECORDS = "records.jsonl"
+
+
+def score_example(heta, prepared, scores: torch.Tensor, scorer: metrics.Scorer, seed: int) -> dict:
+    """Every metric of one method's ``scores`` ``[n]`` on one prepared example."""
+    c = prepared.context
+    return {
+        "soft_nc": metrics.soft_nc(scorer, scores, c),
+        "soft_ns": metrics.soft_ns(scorer, scores, c),
+        "soft_c_za": metrics.soft_comprehensiveness_za(scorer, scores, c, seed=seed),
+        "soft_s_za": metrics.soft_sufficiency_za(scorer, scores, c, seed=seed),
+        "comprehensiveness": metrics.comprehensiveness(scorer, scores, c),
+        "sufficiency": metrics.sufficiency(scorer, scores, c),
+        "dsa": metrics.dsa(scores, c, prepared.support, prepared.distractor),
+        "f1": metrics.f1(scores, c, prepared.important),
+        "first_share": metrics.first_token_share(scores, c),
+        "context_share": float(metrics.shares(scores, range(len(prepared.ids)))[c].sum()),
+    }
+
+
+def _read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short when a run was killed: redone
+                continue
+    return out
+
+
+def _drop_cut_line(path: Path) -> None:
+    """Truncate a records file after its last newline (a killed run may leave half a line)."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def run(heta, examples: Sequence[Example], protocol: str, method_names: Sequence[str], out: str | Path, *,
+        slow_limit: int = 20, mask: str = "zero", seed: int = 0, samples: int = 10, sensitivity_examples: int = 0,
+        log: Callable[[str], None] | None = None) -> list[dict]:
+    """Evaluate ``method_names`` on ``examples`` under ``protocol``; append to ``out/records.jsonl``.
+
+    Slow methods (``methods.is_slow``: exact HETA, the other estimators, integrated gradients)
+    run on the first ``slow_limit`` examples only.
+    ``sensitivity_examples``: on that many first examples, also the sensitivity metric
+    (3 noisy repeats, sigma 0.01). Returns all records of the folder.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RECORDS
+    _drop_cut_line(path)
+    done = {(r["example"], r["method"]) for r in _read_records(path) if r.get("protocol") == protocol}
+    methods = resolve(method_names, samples)
+    with path.open("a") as sink:
+        for k, example in enumerate(examples):
+            todo = [name for name in methods if (example.id, name) not in done
+                    and not (is_slow(name) and k >= slow_limit)]
+            if not todo:
+                continue
+            prepared = prepare(example, protocol, heta.tokenizer, heta.lm)
+            scorer = metrics.Scorer(heta.lm, prepared.ids, prepared.target, mask=mask, seed=seed)
+            for name in todo:
+                method = methods[name]
+                start = time.perf_counter()
+                scores = method(heta, prepared.ids, prepared.target).detach().float().cpu()
+                seconds = time.perf_counter() - start
+                record = {"example": example.id, "protocol": protocol, "method": name, "n": len(prepared.ids),
+                          "context": len(prepared.context), "target": prepared.target,
+                          "target_token": heta.tokenizer.decode([prepared.target]),
+                          "target_prob": scorer.p,
+                          "target_rank": int((scorer.log_P > scorer.log_P[prepared.target]).sum()) + 1,
+                          "seconds": seconds, **score_example(heta, prepared, scores, scorer, seed),
+                          "scores": [round(float(x), 7) for x in scores]}
+                if name == "integrated_gradients":
+                    record.update(ig_delta=LAST_IG_DELTA["delta"], ig_change=LAST_IG_DELTA["change"])
+                share = getattr(method, "sink_share", None)
+                if share is not None:
+                    record["sink_share"] = share(heta, prepared.ids, prepared.target)
+                if k < sensitivity_examples:
+                    record["sensitivity"] = metrics.sensitivity(method, heta, prepared.ids, prepared.target,
+                                                                prepared.context, seed=seed)
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+            if log:
+                log(f"{protocol} {k + 1}/{len(examples)} {example.id}: {len(todo)} methods, n={len(prepared.ids)}")
+    return [r for r in _read_records(path) if r.get("protocol") == protocol]
+
+
+def bootstrap(values: Sequence[float], resamples: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float, float]:
+    """``(mean, lo, hi)``: the mean and its 95% percentile-bootstrap interval (NaN values dropped)."""
+    x = torch.tensor([v for v in values if v == v], dtype=torch.float64)
+    if x.numel() == 0:
+        return float("nan"), float("nan"), float("nan")
+    index = torch.randint(0, x.numel(), (resamples, x.numel()), generator=torch.Generator().manual_seed(seed))
+    means = x[index].mean(dim=1)
+    return float(x.mean()), float(means.quantile(0.025)), float(means.quantile(0.975))
+
+
+def summarise(records: Sequence[dict]) -> dict:
+    """Per method: count, each metric's ``(mean, lo, hi)``, IG's completeness error, the sink's
+    share, seed stability and fidelity to exact HETA (Spearman per example)."""
+    by_method: dict[str, list[dict]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], []).append(r)
+    by_key = {(r["method"], r["example"]): r for r in records}
+    table = {}
+    for name, rows in by_method.items():
+        entry = {"examples": len(rows)}
+        for metric in (*METRICS, "sensitivity", "seconds", "target_prob", "sink_share", "context_share"):
+            values = [r[metric] for r in rows if r.get(metric) is not None]
+            if values:
+                entry[metric] = bootstrap(values)
+        if name == "integrated_gradients":
+            relative = [r["ig_delta"] / max(abs(r["ig_change"]), 1e-12) for r in rows]
+            entry["ig_delta"] = bootstrap([r["ig_delta"] for r in rows])
+            entry["ig_relative_delta_median"] = float(torch.tensor(relative).median())
+        if name.startswith("heta_") and name != FIDELITY_REFERENCE:
+            rho = [metrics.spearman(torch.tensor(r["scores"]), torch.tensor(by_key[(FIDELITY_REFERENCE, r["example"])]
+                                                                               ["scores"]))
+                   for r in rows if (FIDELITY_REFERENCE, r["example"]) in by_key]
+            if rho:
+                entry["spearman_vs_exact"] = bootstrap(rho)
+        table[name] = entry
+    out = {"methods": table}
+    if SEED_PAIR[1] in table:
+        out["seed_stability"] = table[SEED_PAIR[1]].get("spearman_vs_exact")
+    probs = [r["target_prob"] for r in by_method.get(next(iter(by_method), ""), [])]
+    if probs:
+        p = torch.tensor(probs)
+        out["target_prob_median"] = float(p.median())
+        ranks = [r["target_rank"] for r in by_method[next(iter(by_method))]]
+        out["target_rank_median"] = float(torch.tensor(ranks, dtype=torch.float64).median())
+        out["target_top1"] = sum(1 for x in ranks if x == 1)
+        out["examples"] = len(probs)
+    return out
+
+
+def _cell(value) -> str:
+    if not value:
+        return ""
+    mean, lo, hi = value
+    return f"{mean:.3g} [{lo:.3g}, {hi:.3g}]"
+
+
+def markdown(summary: dict, title: str) -> str:
+    """The summary as a markdown table, one row per method (mean [95% interval])."""
+    columns = ("examples", "dsa", "comprehensiveness", "sufficiency", "soft_nc", "soft_ns", "soft_c_za",
+               "soft_s_za", "f1", "first_share", "sensitivity", "spearman_vs_exact", "seconds")
+    lines = [f"#### {title}", ""]
+    if "examples" in summary:
+        lines.append(f"Target: median probability {summary['target_prob_median']:.3g}, median rank "
+                     f"{summary['target_rank_median']:.0f}, top choice in {summary['target_top1']} of "
+                     f"{summary['examples']} examples.")
+        lines.append("")
+    lines.append("| method | " + " | ".join(columns) + " |")
+    lines.append("|---" * (len(columns) + 1) + "|")
+    for name, entry in summary["methods"].items():
+        cells = [str(entry["examples"])] + [_cell(entry.get(c)) for c in columns[1:]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ig = summary["methods"].get("integrated_gradients")
+    if ig:
+        lines += ["", f"Integrated gradients ({ig['examples']} examples): completeness error "
+                      f"|sum a - (g(E) - g(0))| mean {_cell(ig['ig_delta'])}, median relative to "
+                      f"|g(E) - g(0)|: {ig['ig_relative_delta_median']:.3g}."]
+    shares = {n: e["sink_share"] for n, e in summary["methods"].items() if "sink_share" in e}
+    if shares:
+        lines += ["", "Sink token's share of the score before it is dropped: "
+                  + "; ".join(f"{n} {_cell(v)}" for n, v in shares.items()) + "."]
+    return "\n".join(lines)
+
+
+def figure(summary: dict, path: str | Path, title: str) -> None:
+    """A PNG of the main metrics per method, with 95% intervals (matplotlib, the ``[eval]`` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ModuleNotFoundError("the figure needs matplotlib: pip install 'heta_fast[eval]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["methods"])
+    fig, axes = plt.subplots(1, len(FIGURE_METRICS), figsize=(4 * len(FIGURE_METRICS), 0.3 * len(names) + 2),
+                             sharey=True)
+    for ax, metric in zip(axes, FIGURE_METRICS, strict=True):
+        values = [summary["methods"][n].get(metric) or (float("nan"),) * 3 for n in names]
+        mean = [v[0] for v in values]
+        err = [[v[0] - v[1] for v in values], [v[2] - v[0] for v in values]]
+        colours = ["tab:blue" if n.startswith("heta") else "tab:gray" for n in names]
+        ax.barh(range(len(names)), mean, xerr=err, color=colours)
+        ax.set_title(metric + (" (lower better)" if metric in LOWER_IS_BETTER else ""))
+        ax.axvline(0, color="black", linewidth=0.5)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def environment() -> dict:
+    """Machine, date and versions, for the record of a run."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def evaluate(heta, data: str | Path | None = None, *, protocol: str = "predicted", methods: Sequence[str] | None = None,
+             out: str | Path = "heta-eval", limit: int | None = None, slow_limit: int = 20, mask: str = "zero",
+             seed: int = 0, samples: int = 10, sensitivity_examples: int = 0, plot: bool = True,
+             log: Callable[[str], None] | None = None) -> dict:
+    """Evaluate attribution methods on curated QA examples; returns the summary (also written to ``out``).
+
+    heta: a ``HETA`` with a tokenizer; data: a JSON/JSONL path (None: the project's set);
+    protocol: ``answer``, ``predicted`` or ``chat``; methods: names from
+    ``heta_fast.evaluation.methods.available()`` (None: all). See ``run`` for the rest.
+    """
+    if heta.tokenizer is None:
+        raise ValueError("evaluation needs a HETA with a tokenizer")
+    names = list(methods) if methods is not None else None
+    names = names or available()
+    resolve(names, samples)  # unknown names fail before any model work
+    examples = load_examples(data, limit)
+    records = run(heta, examples, protocol, names, out, slow_limit=slow_limit, mask=mask, seed=seed,
+                  samples=samples, sensitivity_examples=sensitivity_examples, log=log)
+    return report(records, protocol, out, data=str(data) if data is not None else "builtin", plot=plot)
+
+
+def report(records: Sequence[dict], protocol: str, out: str | Path, *, data: str = "", plot: bool = True) -> dict:
+    """Summarise ``records`` of one protocol into ``out/summary_PROTOCOL.{json,md}`` (and the figure)."""
+    summary = summarise(records)
+    summary.update(protocol=protocol, data=data, environment=environment())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"summary_{protocol}.json").write_text(json.dumps(summary, indent=1))
+    title = f"{protocol} protocol, {summary.get('examples', 0)} examples"
+    (out / f"summary_{protocol}.md").write_text(markdown(summary, title) + "\n")
+    if plot:
+        figure(summary, out / f"figure_{protocol}.png", title)
+    return summary
+
+
+def read_records(*paths: str | Path) -> list[dict]:
+    """The records of several ``records.jsonl`` files (runs split over processes), in order."""
+    return [r for path in paths for r in _read_records(Path(path))]

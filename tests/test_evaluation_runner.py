@@ -1,0 +1,69 @@
+"""heta_fast.evaluation.runner and ``heta-fast eval``: records, resuming, bootstrap summary, figure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama
+from test_evaluation_data import RAW, word_tokenizer
+
+from heta_fast import HETA, evaluate
+from heta_fast.evaluation import runner
+
+pytest.importorskip("captum")
+METHODS = ["random", "saliency", "heta_gn_sink_mix"]
+
+
+def _data(tmp_path):
+    rows = [{**RAW, "id": f"x{k}", "distractor": ["Anna walked home.", "Anna walked.", "Anna walked home home."][k]}
+            for k in range(3)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_evaluate_writes_resumes_and_summarises(tmp_path, fresh_seed):
+    heta = HETA(tiny_llama(fresh_seed % 1000), word_tokenizer())
+    out = tmp_path / "run"
+    summary = evaluate(heta, _data(tmp_path), protocol="answer", methods=METHODS, out=out, samples=2)
+    lines = (out / "records.jsonl").read_text().splitlines()
+    assert len(lines) == 9
+    records = [json.loads(line) for line in lines]
+    for name in METHODS:
+        values = [r["dsa"] for r in records if r["method"] == name]
+        mean, lo, hi = summary["methods"][name]["dsa"]
+        assert mean == pytest.approx(sum(values) / 3)
+        assert min(values) - 1e-9 <= lo <= mean <= hi <= max(values) + 1e-9
+    assert "sink_share" in summary["methods"]["heta_gn_sink_mix"]
+    assert (out / "figure_answer.png").stat().st_size > 1000
+    assert "| heta_gn_sink_mix | 3 |" in (out / "summary_answer.md").read_text()
+
+    # a run stopped half-way through a line: the cut line is dropped and only that pair is redone
+    (out / "records.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    evaluate(heta, _data(tmp_path), protocol="answer", methods=METHODS, out=out, samples=2, plot=False)
+    again = runner._read_records(out / "records.jsonl")
+    assert len(again) == 9
+    assert sorted((r["example"], r["method"]) for r in again) == sorted((r["example"], r["method"]) for r in records)
+
+
+def test_bootstrap_interval():
+    mean, lo, hi = runner.bootstrap([2.0] * 5)
+    assert (mean, lo, hi) == (2.0, 2.0, 2.0)
+    values = torch.randn(200, generator=torch.Generator().manual_seed(1)).tolist()
+    mean, lo, hi = runner.bootstrap(values)
+    se = float(torch.tensor(values).std()) / 200 ** 0.5
+    assert lo == pytest.approx(mean - 1.96 * se, abs=0.35 * se)
+    assert hi == pytest.approx(mean + 1.96 * se, abs=0.35 * se)
+
+
+def test_cli_eval_bad_input_before_the_model(tmp_path, capsys):
+    from heta_fast.cli import main
+
+    assert main(["eval", "--methods", "saliency,nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["eval", "--data", str(tmp_path / "missing.json")]) == 2
+    assert "evaluation data not found" in capsys.readouterr().err
+    assert main(["eval", "--limit", "0"]) == 2
+    assert "--limit must be >= 1, got 0" in capsys.readouterr().err

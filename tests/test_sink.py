@@ -1,0 +1,56 @@
+"""HETAConfig.sink and .mix: the sink token before the context, and the normalised mix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_ids, rel_err, tiny_llama
+
+from heta_fast import HETA, HETAConfig
+from heta_fast.components import Components
+from heta_fast.mix import mixed, unit_sum
+
+
+def test_bos_sink_is_prepended_and_left_out(fresh_seed):
+    model = tiny_llama(fresh_seed % 1000)
+    heta = HETA(model)
+    ids = random_ids(fresh_seed, 9).tolist()
+    ids = [i if i != 1 else 2 for i in ids]  # 1 is tiny_llama's BOS
+    config = HETAConfig.paper(samples=2, seed=fresh_seed % 1000)
+    with_sink = heta.attribute(ids, config=config.replace(sink="bos"))
+    by_hand = heta.attribute([1, *ids], config=config)  # the same computation with BOS written in
+    assert with_sink.context_ids == ids[:-1] and with_sink.target_pos == len(ids) - 1
+    assert rel_err(with_sink.S, by_hand.S[1:]) < 1e-5
+    assert rel_err(with_sink.I, by_hand.I[1:]) < 1e-5
+    assert rel_err(with_sink.M, by_hand.M[1:] / by_hand.M[1:].sum()) < 1e-5
+    assert with_sink.sink_share == pytest.approx(float(by_hand.scores[0] / by_hand.scores.sum()), rel=1e-4)
+    assert with_sink.to_dict()["sink_share"] == with_sink.sink_share
+    # input that already starts with the sink is left as it is
+    again = heta.attribute([1, *ids], config=config.replace(sink="bos"))
+    assert again.sink_share is None and torch.equal(again.S, by_hand.S)
+
+
+def test_normalised_mix_formula():
+    c = Components(M=torch.tensor([0.5, 0.25, 0.25]), S=torch.tensor([100.0, 300.0, 600.0]),
+                   I=torch.tensor([0.0, 0.0, 0.0]))
+    # S / sum S = [0.1, 0.3, 0.6]; I sums to 0 and stays 0
+    expected = torch.tensor([0.5 * 0.2 * 0.1, 0.25 * 0.2 * 0.3, 0.25 * 0.2 * 0.6])
+    assert torch.allclose(mixed(c, 0.2, 0.8, "normalised"), expected)
+    assert torch.equal(mixed(c, 0.2, 0.8, "raw"), c.M * (0.2 * c.S + 0.8 * c.I))
+    assert torch.equal(unit_sum(torch.zeros(3)), torch.zeros(3))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sink", "eos", "unknown sink 'eos'; expected one of none, bos"),
+    ("mix", "sum", "unknown mix 'sum'; expected one of raw, normalised"),
+])
+def test_bad_sink_and_mix(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        HETAConfig(**{field: value})
+
+
+def test_paper_preset_is_the_spec():
+    paper = HETAConfig.paper()
+    assert (paper.sink, paper.mix, paper.beta, paper.gamma, paper.samples, paper.mask) == \
+        ("none", "raw", 0.5, 0.5, 10, "zero")
+    assert HETAConfig.paper(samples=3).samples == 3
