@@ -57,7 +57,19 @@ class _Table:
 
 
 @dataclass(repr=False)
-class Attribution(_Page, _Table):
+class _Scores:
+    """The fields every result starts with: ``scores, M, S, I`` and the context they score."""
+
+    scores: torch.Tensor
+    M: torch.Tensor
+    S: torch.Tensor
+    I: torch.Tensor  # noqa: E741 - the name in docs/method.md
+    context_tokens: list[str]
+    context_ids: list[int]
+
+
+@dataclass(repr=False)
+class Attribution(_Scores, _Page, _Table):
     """HETA scores for the context of one target token.
 
     scores, M, S, I: ``[n]`` float tensors, one entry per context token ``x_0 .. x_{n-1}``
@@ -69,12 +81,6 @@ class Attribution(_Page, _Table):
     True where a context token is one of the tokenizer's special tokens (None: not known).
     """
 
-    scores: torch.Tensor
-    M: torch.Tensor
-    S: torch.Tensor
-    I: torch.Tensor  # noqa: E741 - the name in docs/method.md
-    context_tokens: list[str]
-    context_ids: list[int]
     target_token: str
     target_id: int
     target_pos: int
@@ -177,7 +183,7 @@ class Attribution(_Page, _Table):
 
 
 @dataclass
-class MultiAttribution(_Page):
+class MultiAttribution(_Scores, _Page):
     """HETA scores for several target tokens of one text: a targets x context matrix.
 
     Row ``k`` explains the target at position ``targets[k]`` by its own context
@@ -198,12 +204,6 @@ class MultiAttribution(_Page):
     as for ``Attribution``, over the ``n_max`` context tokens.
     """
 
-    scores: torch.Tensor
-    M: torch.Tensor
-    S: torch.Tensor
-    I: torch.Tensor  # noqa: E741 - the name in docs/method.md
-    context_tokens: list[str]
-    context_ids: list[int]
     targets: list[int]
     target_ids: list[int]
     target_tokens: list[str]
