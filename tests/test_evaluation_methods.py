@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_ids, rel_err, tiny_llama
+from helpers import random_ids, rel_err, tiny_llama
 
 from heta_fast import HETA, HETAConfig
 from heta_fast.evaluation import methods

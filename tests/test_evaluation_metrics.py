@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_ids, tiny_llama
+from helpers import random_ids, tiny_llama
 
 from heta_fast.evaluation import metrics
 from heta_fast.model import CausalLM

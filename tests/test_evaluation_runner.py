@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 from test_evaluation_data import RAW, word_tokenizer
 
 from heta_fast import HETA, evaluate
