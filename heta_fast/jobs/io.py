@@ -25,7 +25,8 @@ a result or an error:
   ``scores``, ``M``, ``S``, ``I`` (``[n]`` lists), ``config`` (every ``HETAConfig`` field, seed
   included), ``backend``, ``timings`` (seconds per component), ``text`` and ``offsets`` (the
   row's text and each token's character span; null where the tokenizer gives none) and
-  ``special`` (which context tokens are the tokenizer's special tokens);
+  ``special`` (which context tokens are the tokenizer's special tokens), ``sink_share`` (with
+  ``config.sink``: the sink token's share of the score before it was dropped; null otherwise);
 - result, ``kind`` ``"multi"`` (``prompt`` + ``answer`` and ``messages`` rows): ``id``, ``kind``,
   ``heta_fast_version``, ``seconds``, then the fields of ``MultiAttribution.to_dict()``:
   ``targets``, ``target_ids``, ``target_tokens``, ``context_ids``, ``context_tokens``, ``scores``,
@@ -71,7 +72,7 @@ JOURNAL_SUFFIX = ".journal.jsonl"
 RECORD_FIELDS = ("id", "kind", "heta_fast_version", "seconds")
 SOURCE_FIELDS = ("text", "offsets", "special")  # heta_fast.results: the source text, token offsets, special flags
 SINGLE_FIELDS = ("target_pos", "target_id", "target_token", "context_ids", "context_tokens", "scores", "M", "S",
-                 "I", "config", "backend", "timings") + SOURCE_FIELDS
+                 "I", "config", "backend", "timings", "sink_share") + SOURCE_FIELDS
 MULTI_FIELDS = ("targets", "target_ids", "target_tokens", "context_ids", "context_tokens", "scores", "M", "S", "I",
                 "config", "backend", "timings", "row_timings", "prompt_length") + SOURCE_FIELDS
 ERROR_FIELDS = ("id", "error")
@@ -269,7 +270,7 @@ def _parquet_schema():
         ("context_ids", ints), ("context_tokens", strs), ("scores", rows), ("M", rows), ("S", rows), ("I", rows),
         ("config", pa.string()), ("backend", pa.string()), ("timings", pa.string()), ("row_timings", pa.string()),
         ("prompt_length", pa.int64()), ("text", pa.string()), ("offsets", pa.list_(ints)),
-        ("special", pa.list_(pa.bool_())),
+        ("special", pa.list_(pa.bool_())), ("sink_share", pa.float64()),
     ])
 
 
