@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from test_jobs import CONFIG, by_id, make_tiny_model, random_rows, stable, write_jsonl
 
 from heta_fast import attribute_dataset
@@ -17,6 +18,16 @@ from heta_fast.jobs.local import CRASH_ONCE_ENV
 ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The actors run one torch thread each; the local engine compared with them bitwise must too (two
+    threads sum in another order: the last bits differ, as CI saw with OMP_NUM_THREADS unset)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
