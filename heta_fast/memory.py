@@ -96,13 +96,14 @@ def forward_bytes(lm: CausalLM, rows: int) -> int:
 
 
 def largest_fitting_rows(lm: CausalLM, budget: int) -> int:
-    """The most rows whose shared forward fits ``budget`` (0 when not even one does)."""
+    """The most rows whose shared forward (with the weights' float32 copies) fits ``budget`` (0: not one)."""
+    room = budget - upcast_bytes(lm)
     lo, hi = 0, 1
-    while forward_bytes(lm, hi) + upcast_bytes(lm) <= budget and hi < 1 << 24:
+    while forward_bytes(lm, hi) <= room and hi < 1 << 24:
         lo, hi = hi, 2 * hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if forward_bytes(lm, mid) + upcast_bytes(lm) <= budget else (lo, mid)
+        lo, hi = (mid, hi) if forward_bytes(lm, mid) <= room else (lo, mid)
     return lo
 
 
@@ -111,7 +112,8 @@ def check_fits(lm: CausalLM, rows: int, budget: int) -> None:
 
     The message gives the bytes needed and available and the longest window that fits.
     """
-    needed = forward_bytes(lm, rows) + upcast_bytes(lm)
+    copies = upcast_bytes(lm)
+    needed = forward_bytes(lm, rows) + copies
     if needed <= budget:
         return
     fits = largest_fitting_rows(lm, budget) - 1  # a window of W context tokens runs W + 1 rows
@@ -119,6 +121,6 @@ def check_fits(lm: CausalLM, rows: int, budget: int) -> None:
             "not even a one-token window fits")
     raise ValueError(f"{rows} tokens need about {needed / 2**20:,.0f} MiB for the shared forward (the attention maps "
                      f"of {lm.num_layers} layers x {lm.num_heads} heads x {rows}^2 in float32, the key/value cache"
-                     + (", float32 copies of the weights" if upcast_bytes(lm) else "")
+                     + (", float32 copies of the weights" if copies else "")
                      + f"), above memory_budget {budget / 2**20:,.0f} MiB ({available_bytes(lm.device) / 2**20:,.0f} "
                      f"MiB free on {lm.device.type}); {hint}, or raise memory_budget")
