@@ -93,6 +93,26 @@ def test_heta_parts_and_mixes(fresh_seed):
     assert rel_err(methods.heta_method(normalised)(heta, ids, y), expected) < 1e-5
 
 
+def test_heta_sensitivity_sees_the_noise_not_the_cached_clean_run(fresh_seed):
+    """The parts share one cached attribution per input; under the sensitivity metric's noise
+    the cache must not answer, or HETA's sensitivity would read 0."""
+    from heta_fast.evaluation import metrics
+
+    _, heta, ids, y = _setup(fresh_seed)
+    config = HETAConfig.paper(samples=2, seed=fresh_seed % 1000)
+    method = methods.heta_method(config)
+    method(heta, ids, y)  # fills the cache with the clean run
+    runs = []
+    for r in range(3):
+        with metrics.embedding_noise(heta.lm, 0.01, fresh_seed + r):
+            runs.append(heta.attribute(ids, target_pos=len(ids), target_token=y, config=config).scores)
+    expected = float(torch.stack(runs).std(dim=0).mean())
+    got = metrics.sensitivity(method, heta, ids, y, list(range(len(ids))), sigma=0.01, seed=fresh_seed)
+    assert expected > 0 and got == pytest.approx(expected, rel=1e-5)
+    assert torch.equal(method(heta, ids, y), heta.attribute(ids, target_pos=len(ids), target_token=y,
+                                                            config=config).scores)
+
+
 def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="unknown method 'ig'; expected one of heta_exact, "):
         methods.resolve(["saliency", "ig"])

@@ -70,13 +70,17 @@ _cache: dict[tuple, object] = {}
 
 def _attribution(heta, ids: Sequence[int], target: int, config: HETAConfig):
     """``HETA.attribute`` of one input, kept while that input is evaluated: the parts and the
-    mixes of one configuration share a call (the mix does not change ``M``, ``S``, ``I``)."""
+    mixes of one configuration share a call (the mix does not change ``M``, ``S``, ``I``).
+    Nothing is kept or reused while a hook sits on the embedding layer (``metrics.embedding_noise``)."""
+    config = config.replace(mix="raw")  # so sink_share is the sink's share under the raw mix
+    if heta.lm.embedding._forward_hooks:  # a hook (the sensitivity metric's noise) changes E for the same ids
+        return heta.attribute(list(ids), target_pos=len(ids), target_token=int(target), config=config)
     input_key = (id(heta), tuple(ids), int(target))
-    key = (*input_key, config.replace(mix="raw"))  # so sink_share is the sink's share under the raw mix
+    key = (*input_key, config)
     if key not in _cache:
         for old in [k for k in _cache if k[:3] != input_key]:
             del _cache[old]
-        _cache[key] = heta.attribute(list(ids), target_pos=len(ids), target_token=int(target), config=key[-1])
+        _cache[key] = heta.attribute(list(ids), target_pos=len(ids), target_token=int(target), config=config)
     return _cache[key]
 
 
