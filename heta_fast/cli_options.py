@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from heta_fast.config import OPTION_GROUPS, HETAConfig, field_names
+from heta_fast.config import OPTION_GROUPS, PRESETS, HETAConfig, field_names
 
 EMBEDDED_NAME = "the embedded SmolLM2-135M-Instruct"
 
@@ -52,6 +52,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> dict[str, argparse._A
     add its own options next to them (``--device`` under ``run``). ``config_from_args`` reads them back.
     """
     groups = {key: parser.add_argument_group(title) for key, title in OPTION_GROUPS.items()}
+    groups["method"].add_argument("--preset", choices=tuple(PRESETS), default=None,
+                                  help="start from a named configuration: paper (the method as defined), exact "
+                                       "(the defaults) or fast (cheaper than occlusion); other options apply on top")
     hints = typing.get_type_hints(HETAConfig)
     for field in dataclasses.fields(HETAConfig):
         meta = field.metadata
@@ -77,7 +80,8 @@ def config_from_args(args: argparse.Namespace) -> HETAConfig:
     Raises ValueError/TypeError (from HETAConfig) for bad values, before any model is loaded.
     """
     given = {name: getattr(args, name) for name in field_names() if getattr(args, name, None) is not None}
-    return HETAConfig(**given)
+    preset = getattr(args, "preset", None)
+    return HETAConfig.preset(preset, **given) if preset else HETAConfig(**given)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,17 @@ HESSIANS = ("exact", "low_rank", "gauss_newton", "layer_subset")
 SINKS = ("none", "bos")  # heta_fast.sink
 MIXES = ("raw", "normalised")  # heta_fast.mix
 
+# Named configurations, by what the user needs (``HETAConfig.preset``; ``--preset`` on the CLI).
+# Each is a set of field changes on top of HETAConfig's defaults. Why ``fast`` is Gauss-Newton
+# on the 8 most probable tokens: it is the one estimator that costs less than one occlusion
+# pass at every length measured (BENCHMARKS.md "Methods"), and its faithfulness against exact
+# HETA's seed spread is in EVALUATION.md.
+PRESETS: dict[str, dict] = {
+    "paper": {"sink": "none", "mix": "raw", "hessian": "exact"},  # docs/method.md, bit for bit
+    "exact": {"hessian": "exact"},  # the library's defaults with the exact Hessian
+    "fast": {"hessian": "gauss_newton", "hessian_topk": 8},
+}
+
 # Option groups of the command line, in the order ``--help`` shows them.
 OPTION_GROUPS = {"method": "method (defaults from docs/method.md §4)", "run": "how to run"}
 
@@ -130,9 +141,19 @@ class HETAConfig:
             raise ValueError(f"unknown mix {self.mix!r}; expected one of {', '.join(MIXES)}")
 
     @classmethod
+    def preset(cls, name: str, **changes) -> HETAConfig:
+        """The configuration for a stated need, with ``changes`` on top: ``paper`` (the method
+        exactly as docs/method.md defines it), ``exact`` (the defaults, exact Hessian) or ``fast``
+        (the estimator that costs less than occlusion; see ``PRESETS``)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+        check_fields(changes)
+        return cls(**{**PRESETS[name], **changes})
+
+    @classmethod
     def paper(cls, **changes) -> HETAConfig:
-        """The method exactly as docs/method.md defines it (no sink, raw mix), with ``changes`` on top."""
-        return cls(**{"sink": "none", "mix": "raw", **changes})
+        """``preset("paper", **changes)``: no sink, raw mix, exact Hessian."""
+        return cls.preset("paper", **changes)
 
     def replace(self, **changes) -> HETAConfig:
         """A copy with some fields changed (validated again).

@@ -318,6 +318,17 @@ def test_add_config_options_serves_other_commands():
     assert cli.config_from_args(args) == HETAConfig(hessian="low_rank", hessian_rank=8, memory_budget=2**30)
 
 
+def test_preset_option_starts_from_the_named_configuration(capsys):
+    parser = __import__("argparse").ArgumentParser()
+    add_config_options(parser)
+    assert cli.config_from_args(parser.parse_args(["--preset", "fast"])) == HETAConfig.preset("fast")
+    args = parser.parse_args(["--preset", "fast", "--hessian-topk", "4", "--sink", "bos"])
+    assert cli.config_from_args(args) == HETAConfig(hessian="gauss_newton", hessian_topk=4, sink="bos")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--preset", "quick"])
+    assert "invalid choice: 'quick'" in capsys.readouterr().err
+
+
 def test_unknown_config_keyword_lists_the_valid_fields():
     valid = ", ".join(f.name for f in dataclasses.fields(HETAConfig))
     with pytest.raises(TypeError) as info:

@@ -54,3 +54,18 @@ def test_paper_preset_is_the_spec():
     assert (paper.sink, paper.mix, paper.beta, paper.gamma, paper.samples, paper.mask) == \
         ("none", "raw", 0.5, 0.5, 10, "zero")
     assert HETAConfig.paper(samples=3).samples == 3
+
+
+def test_presets_by_need():
+    """``fast`` is Gauss-Newton on 8 tokens, ``exact`` the defaults; changes apply on top."""
+    assert HETAConfig.preset("exact") == HETAConfig(hessian="exact")
+    fast = HETAConfig.preset("fast")
+    assert (fast.hessian, fast.hessian_topk) == ("gauss_newton", 8)
+    assert fast.replace(hessian="gauss_newton", hessian_topk=8) == fast
+    assert HETAConfig.preset("fast", hessian_topk=4, seed=3) == HETAConfig(hessian="gauss_newton", hessian_topk=4,
+                                                                            seed=3)
+    assert HETAConfig.preset("paper", samples=3) == HETAConfig.paper(samples=3)
+    with pytest.raises(ValueError, match="unknown preset 'quick'; expected one of paper, exact, fast"):
+        HETAConfig.preset("quick")
+    with pytest.raises(TypeError, match="unknown HETAConfig field 'hesian'"):
+        HETAConfig.preset("fast", hesian="exact")
