@@ -48,6 +48,26 @@ def test_evaluate_writes_resumes_and_summarises(tmp_path, fresh_seed):
     assert sorted((r["example"], r["method"]) for r in again) == sorted((r["example"], r["method"]) for r in records)
 
 
+def test_gap_to_exact_and_seed_floor_by_hand():
+    """``gap_vs_exact``: per example |metric(method) - metric(heta_exact)|, on shared examples only."""
+    def record(method, example, value, scores):
+        return {"method": method, "example": example, "scores": scores, "target_prob": 0.5, "target_rank": 1,
+                **{m: value for m in runner.METRICS}}
+    records = [record("heta_exact", "a", 0.10, [3, 2, 1]), record("heta_exact", "b", 0.30, [1, 2, 3]),
+               record("heta_exact_seed1", "a", 0.15, [3, 1, 2]), record("heta_exact_seed1", "b", 0.20, [1, 2, 3]),
+               record("heta_gauss_newton", "a", 0.40, [1, 2, 3]), record("heta_gauss_newton", "c", 9.0, [1, 2, 3])]
+    summary = runner.summarise(records)
+    floor = summary["seed_floor"]
+    assert floor["dsa"][0] == pytest.approx((0.05 + 0.10) / 2)
+    gn = summary["methods"]["heta_gauss_newton"]
+    assert gn["gap_examples"] == 1 and gn["gap_vs_exact"]["sufficiency"] == pytest.approx((0.3, 0.3, 0.3))
+    assert gn["spearman_vs_exact"][0] == pytest.approx(-1.0)
+    assert summary["seed_stability"][0] == pytest.approx((0.5 + 1.0) / 2)
+    text = runner.markdown(summary, "t")
+    assert "| heta_exact_seed1 | 2 | 0.075 [0.05, 0.1] |" in text
+    assert "| heta_gauss_newton | 1 | 0.3 [0.3, 0.3] |" in text
+
+
 def test_bootstrap_interval():
     mean, lo, hi = runner.bootstrap([2.0] * 5)
     assert (mean, lo, hi) == (2.0, 2.0, 2.0)

@@ -29,6 +29,8 @@ LOWER_IS_BETTER = frozenset({"sufficiency", "sensitivity", "first_share", "secon
 FIGURE_METRICS = ("dsa", "comprehensiveness", "sufficiency", "soft_nc", "soft_ns", "f1")
 SEED_PAIR = ("heta_exact", "heta_exact_seed1")
 FIDELITY_REFERENCE = "heta_exact"
+# Metrics on which an estimator is read against exact HETA's own seed-to-seed spread (issue 14).
+GAP_METRICS = ("comprehensiveness", "sufficiency", "dsa", "soft_nc", "soft_ns")
 RECORDS = "records.jsonl"
 
 
@@ -135,7 +137,10 @@ def bootstrap(values: Sequence[float], resamples: int = BOOTSTRAP, seed: int = 0
 
 def summarise(records: Sequence[dict]) -> dict:
     """Per method: count, each metric's ``(mean, lo, hi)``, IG's completeness error, the sink's
-    share, seed stability and fidelity to exact HETA (Spearman per example)."""
+    share, seed stability and fidelity to exact HETA: the Spearman of the scores per example and,
+    per metric of ``GAP_METRICS``, ``|metric(method) - metric(heta_exact)|`` per example
+    (``gap_vs_exact``). The seed pair's gap is the seed floor: an estimator whose gap is no larger
+    is as faithful as exact HETA is to itself under another seed."""
     by_method: dict[str, list[dict]] = {}
     for r in records:
         by_method.setdefault(r["method"], []).append(r)
@@ -152,15 +157,18 @@ def summarise(records: Sequence[dict]) -> dict:
             entry["ig_delta"] = bootstrap([r["ig_delta"] for r in rows])
             entry["ig_relative_delta_median"] = float(torch.tensor(relative).median())
         if name.startswith("heta_") and name != FIDELITY_REFERENCE:
-            rho = [metrics.spearman(torch.tensor(r["scores"]), torch.tensor(by_key[(FIDELITY_REFERENCE, r["example"])]
-                                                                               ["scores"]))
-                   for r in rows if (FIDELITY_REFERENCE, r["example"]) in by_key]
-            if rho:
-                entry["spearman_vs_exact"] = bootstrap(rho)
+            pairs = [(r, by_key[(FIDELITY_REFERENCE, r["example"])]) for r in rows
+                     if (FIDELITY_REFERENCE, r["example"]) in by_key]
+            if pairs:
+                entry["spearman_vs_exact"] = bootstrap([metrics.spearman(torch.tensor(r["scores"]),
+                                                                         torch.tensor(e["scores"])) for r, e in pairs])
+                entry["gap_vs_exact"] = {m: bootstrap([abs(r[m] - e[m]) for r, e in pairs]) for m in GAP_METRICS}
+                entry["gap_examples"] = len(pairs)
         table[name] = entry
     out = {"methods": table}
     if SEED_PAIR[1] in table:
         out["seed_stability"] = table[SEED_PAIR[1]].get("spearman_vs_exact")
+        out["seed_floor"] = table[SEED_PAIR[1]].get("gap_vs_exact")
     probs = [r["target_prob"] for r in by_method.get(next(iter(by_method), ""), [])]
     if probs:
         p = torch.tensor(probs)
@@ -194,6 +202,15 @@ def markdown(summary: dict, title: str) -> str:
     for name, entry in summary["methods"].items():
         cells = [str(entry["examples"])] + [_cell(entry.get(c)) for c in columns[1:]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    gaps = {n: e for n, e in summary["methods"].items() if "gap_vs_exact" in e}
+    if gaps:
+        lines += ["", "Distance to exact HETA per metric, on the examples both ran: mean over examples of "
+                      f"|metric(method) - metric({FIDELITY_REFERENCE})| [95% interval]. The row "
+                      f"`{SEED_PAIR[1]}` is the seed floor (exact HETA against itself under another seed).", "",
+                  "| method | examples | " + " | ".join(GAP_METRICS) + " |", "|---" * (len(GAP_METRICS) + 2) + "|"]
+        for name, entry in gaps.items():
+            cells = [_cell(entry["gap_vs_exact"][m]) for m in GAP_METRICS]
+            lines.append(f"| {name} | {entry['gap_examples']} | " + " | ".join(cells) + " |")
     ig = summary["methods"].get("integrated_gradients")
     if ig:
         lines += ["", f"Integrated gradients ({ig['examples']} examples): completeness error "
