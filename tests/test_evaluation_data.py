@@ -10,7 +10,7 @@ from helpers import tiny_llama
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from heta_fast.evaluation.data import Example, load_examples, prepare
+from heta_fast.evaluation.data import Example, load_examples, prepare, reply_start
 from heta_fast.model import CausalLM
 
 RAW = {"id": "x1", "distractor": "Anna walked home.", "support": "Plants use sunlight in photosynthesis.",
@@ -23,7 +23,7 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     """Words and punctuation of RAW (plus the cue and template tokens) as a 97-id vocabulary."""
     words = ["[UNK]", "<|", "|>", "user", "end", "bot", "<", "s", ">", "Question", ":", "Answer",
              "Anna", "walked", "home", ".", "Plants", "use", "sunlight", "in", "photosynthesis", "What", "do",
-             "plants", "?"]
+             "plants", "?", "Sunlight"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+ | [^\w\s]+, with character offsets
     out = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
@@ -96,6 +96,8 @@ def test_chat_protocol_leaves_template_out():
     assert p.context == list(range(3, len(p.ids) - 6))
     assert _tokens(p, tok, p.support) == ["Plants", "use", "sunlight", "in", "photosynthesis", "."]
     assert _tokens(p, tok, p.important) == ["Plants", "sunlight"]
+    assert tok.convert_ids_to_tokens([p.target]) == ["Sunlight"]  # how the assistant's reply starts
+    assert reply_start("sunlight") == "Sunlight" and reply_start("pH") == "PH" and reply_start("") == ""
 
 
 def test_predicted_protocol_is_the_greedy_token(fresh_seed):
@@ -125,7 +127,9 @@ def test_smollm2_chat_and_answer_protocols():
     names = [tok.decode([i]) for i in chat.ids]
     assert names[0] == "<|im_start|>" and "".join(names[-6:]) == "<|im_end|>\n<|im_start|>assistant\n"
     assert "".join(names[i] for i in chat.context) == example.text
-    assert chat.target == tok(example.answer, add_special_tokens=False)["input_ids"][0]
+    reply = example.answer[0].upper() + example.answer[1:]
+    assert chat.target == tok(reply, add_special_tokens=False)["input_ids"][0] != \
+        tok(example.answer, add_special_tokens=False)["input_ids"][0]
     answer = prepare(example, "answer", tok)
     assert "".join(tok.decode([i]) for i in answer.ids) == example.text + "\nAnswer:"
     assert "".join(tok.decode([answer.ids[i]]) for i in answer.support).strip() == example.support

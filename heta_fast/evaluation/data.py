@@ -12,9 +12,10 @@ Protocols (``prepare``):
 - ``predicted``: the same prompt; the target is the model's own greedy next token, so the
   explanation is of what the model does.
 - ``chat``: the text as the user turn of the tokenizer's chat template with the generation
-  prompt; the target is the first token of the answer (no leading space), the assistant's
-  first token. Only the tokens of the text are the attributed context; the template's tokens
-  stay in the input and their share of the score is reported.
+  prompt; the target is the assistant's first token: the first token of the answer as a reply
+  starts, no leading space and its first letter upper case (``reply_start``). Only the tokens
+  of the text are the attributed context; the template's tokens stay in the input and their
+  share of the score is reported.
 
 File formats (``load_examples``): JSONL or JSON (a list, or an object with ``examples``), one
 object per example in the curated schema (``id``, ``distractor``, ``support``, ``question``,
@@ -176,6 +177,16 @@ def first_token(tokenizer, text: str) -> int:
     return ids[0]
 
 
+def reply_start(answer: str) -> str:
+    """The answer as the first word of an assistant's reply: first letter upper case.
+
+    Why: an instruct model starts its turn with a capital. On SmolLM2-135M-Instruct (20 examples,
+    chat template) "Leaves" is 40x as probable as "leaves" on the paper's set (median probability
+    9.8e-3 against 2.3e-4, median rank 12 against 174) and 28x on the project's set.
+    """
+    return answer[:1].upper() + answer[1:]
+
+
 def prepare(example: Example, protocol: str, tokenizer, lm=None) -> Prepared:
     """``example`` under ``protocol`` -> ``Prepared``; ``predicted`` needs ``lm`` (a ``CausalLM``)."""
     if protocol not in PROTOCOLS:
@@ -188,7 +199,7 @@ def prepare(example: Example, protocol: str, tokenizer, lm=None) -> Prepared:
                                                  add_generation_prompt=True)
         shift = rendered.index(text)
         encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
-        target = first_token(tokenizer, example.answer)
+        target = first_token(tokenizer, reply_start(example.answer))
     else:
         shift = 0
         encoded = tokenizer(text + ANSWER_CUE, return_offsets_mapping=True)
