@@ -155,23 +155,30 @@ class HETA:
         any order (rows keep it). Each row equals ``attribute(text_or_ids, target_pos=targets[k])``.
         On the torch and triton backends one forward, one semantic-flow descent and (masks
         ``zero``/``unk``) one set of masked forwards serve all targets; ``S`` runs per target.
-        The reference backend, and windows (``window_size`` set and a target's context longer
+        With ``sink="bos"`` one sink token before the text serves every target. The reference
+        backend, and windows (``window_size`` set and a target's context longer
         than it), explain the targets one by one with ``attribute``.
         """
         config = self._config(config, overrides)
         ids = self.tokenize(text_or_ids)
         targets = pipeline.check_targets(targets, len(ids))
         backend = backends.resolve(config.backend, self.lm)
-        self.check_size(max(targets) + 1, config)
+        # one sink token before the text serves every target: positions shift by ``added``
+        ids, _, added = sink.prepend(ids, 0, config.sink, sink.sink_token_id(self.tokenizer, self.model))
+        shifted = [t + added for t in targets]
+        self.check_size(max(shifted) + 1, config)
         windows = bool(config.window_size) and max(targets) > config.window_size  # windows are cut per target
-        if windows or config.sink != "none":  # a sink is placed per target: explained one by one
+        if windows:
             with self.lm.prepared():
-                rows = [self.attribute(ids, target_pos=t, config=config, progress=progress) for t in targets]
+                rows = [self.attribute(ids[added:], target_pos=t, config=config, progress=progress)
+                        for t in targets]
             return self._with_source(MultiAttribution.from_rows(rows, config=config.to_dict(), backend=backend.name,
                                                                 prompt_length=prompt_length), text_or_ids)
-        parts, timings = backend.run_many(self.lm, torch.tensor(ids, dtype=torch.long), targets, config, progress)
-        rows = [self._attribution(c, ids[:t], ids[t], t, config, backend.name)
-                for c, t in zip(parts, targets, strict=True)]
+        parts, timings = backend.run_many(self.lm, torch.tensor(ids, dtype=torch.long), shifted, config, progress)
+        rows = []
+        for c, t in zip(parts, shifted, strict=True):
+            c, share = sink.strip(c, added, config.beta, config.gamma, config.mix)
+            rows.append(self._attribution(c, ids[added:t], ids[t], t - added, config, backend.name, share))
         return self._with_source(MultiAttribution.from_rows(rows, config=config.to_dict(), backend=backend.name,
                                                             timings=timings, prompt_length=prompt_length), text_or_ids)
 

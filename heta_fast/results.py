@@ -201,7 +201,8 @@ class MultiAttribution(_Scores, _Page):
     targets were explained one by one; on the shared path only its own ``S``, and ``I`` when the
     mask is ``mean``). ``prompt_length``: set by ``HETA.explain_generation``, the number of
     prompt tokens (every target was generated); None otherwise. ``text``/``offsets``/``special``:
-    as for ``Attribution``, over the ``n_max`` context tokens.
+    as for ``Attribution``, over the ``n_max`` context tokens. ``sink_shares``: per target, its
+    ``Attribution.sink_share`` (empty when no sink token was added).
     """
 
     targets: list[int]
@@ -215,6 +216,7 @@ class MultiAttribution(_Scores, _Page):
     text: str | None = None
     offsets: list[tuple[int, int]] | None = None
     special: list[bool] | None = None
+    sink_shares: list[float | None] = field(default_factory=list)
 
     @classmethod
     def from_rows(cls, rows: list[Attribution], *, config: dict, backend: str, timings: dict | None = None,
@@ -243,7 +245,8 @@ class MultiAttribution(_Scores, _Page):
                    target_tokens=[r.target_token for r in rows], config=dict(config), backend=backend,
                    timings=dict(timings), row_timings=[dict(r.timings) for r in rows],
                    prompt_length=prompt_length, text=longest.text, offsets=longest.offsets,
-                   special=longest.special, **tensors)
+                   special=longest.special, **tensors,
+                   sink_shares=[r.sink_share for r in rows] if any(r.sink_share is not None for r in rows) else [])
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -274,7 +277,8 @@ class MultiAttribution(_Scores, _Page):
                            target_id=self.target_ids[k], target_pos=n, config=dict(self.config),
                            backend=self.backend, timings=dict(timings), text=self.text,
                            offsets=None if self.offsets is None else list(self.offsets[:n]),
-                           special=None if self.special is None else list(self.special[:n]))
+                           special=None if self.special is None else list(self.special[:n]),
+                           sink_share=self.sink_shares[k] if self.sink_shares else None)
 
     def __iter__(self):
         return (self[k] for k in range(len(self)))
@@ -295,6 +299,7 @@ class MultiAttribution(_Scores, _Page):
             "timings": dict(self.timings),
             "row_timings": [dict(t) for t in self.row_timings],
             "prompt_length": self.prompt_length,
+            "sink_shares": list(self.sink_shares),
             **_source_to_dict(self),
         }
 
@@ -314,7 +319,7 @@ class MultiAttribution(_Scores, _Page):
                    target_tokens=list(data["target_tokens"]), config=dict(data["config"]), backend=data["backend"],
                    timings=dict(data.get("timings", {})), row_timings=[dict(t) for t in data.get("row_timings", [])],
                    prompt_length=None if prompt_length is None else int(prompt_length), **_source_from_dict(data),
-                   **tensors)
+                   sink_shares=list(data.get("sink_shares") or []), **tensors)
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)

@@ -30,6 +30,25 @@ def test_bos_sink_is_prepended_and_left_out(fresh_seed):
     assert again.sink_share is None and torch.equal(again.S, by_hand.S)
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_many_targets_share_one_sink(fresh_seed, backend):
+    """Several targets with ``sink="bos"`` run once on the text with one sink before it; each row
+    equals ``attribute`` of that target alone (sink share included)."""
+    heta = HETA(tiny_llama(fresh_seed % 1000))
+    ids = [i if i != 1 else 2 for i in random_ids(fresh_seed, 10).tolist()]
+    config = HETAConfig(samples=2, seed=fresh_seed % 1000, sink="bos", mix="normalised", backend=backend)
+    many = heta.attribute(ids, targets=[9, 4, 6], config=config)
+    for k, t in enumerate([9, 4, 6]):
+        one = heta.attribute(ids, target_pos=t, config=config)
+        row = many[k]
+        assert row.context_ids == ids[:t] and row.target_pos == t
+        for name in ("M", "S", "I", "scores"):
+            assert rel_err(getattr(row, name), getattr(one, name)) < 1e-4, name
+        assert row.sink_share == pytest.approx(one.sink_share, rel=1e-4)
+    again = type(many).from_dict(many.to_dict())
+    assert again.sink_shares == many.sink_shares and again[1].sink_share == many[1].sink_share
+
+
 def test_normalised_mix_formula():
     c = Components(M=torch.tensor([0.5, 0.25, 0.25]), S=torch.tensor([100.0, 300.0, 600.0]),
                    I=torch.tensor([0.0, 0.0, 0.0]))

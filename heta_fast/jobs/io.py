@@ -32,6 +32,7 @@ a result or an error:
   ``targets``, ``target_ids``, ``target_tokens``, ``context_ids``, ``context_tokens``, ``scores``,
   ``M``, ``S``, ``I`` (ragged: row ``k`` has ``targets[k]`` entries), ``config``, ``backend``,
   ``timings``, ``row_timings``, ``prompt_length`` (the number of prompt tokens: targets start there),
+  ``sink_shares`` (per target its ``sink_share``; empty without a sink),
   ``text``/``offsets`` (null: these rows are tokenised in two parts) and ``special``;
 - error: ``{"id": ..., "error": "ExceptionType: message"}``.
 
@@ -74,7 +75,7 @@ SOURCE_FIELDS = ("text", "offsets", "special")  # heta_fast.results: the source 
 SINGLE_FIELDS = ("target_pos", "target_id", "target_token", "context_ids", "context_tokens", "scores", "M", "S",
                  "I", "config", "backend", "timings", "sink_share") + SOURCE_FIELDS
 MULTI_FIELDS = ("targets", "target_ids", "target_tokens", "context_ids", "context_tokens", "scores", "M", "S", "I",
-                "config", "backend", "timings", "row_timings", "prompt_length") + SOURCE_FIELDS
+                "config", "backend", "timings", "row_timings", "prompt_length", "sink_shares") + SOURCE_FIELDS
 ERROR_FIELDS = ("id", "error")
 OUTPUT_SCHEMA = {"single": RECORD_FIELDS + SINGLE_FIELDS, "multi": RECORD_FIELDS + MULTI_FIELDS,
                  "error": ERROR_FIELDS}
@@ -270,7 +271,7 @@ def _parquet_schema():
         ("context_ids", ints), ("context_tokens", strs), ("scores", rows), ("M", rows), ("S", rows), ("I", rows),
         ("config", pa.string()), ("backend", pa.string()), ("timings", pa.string()), ("row_timings", pa.string()),
         ("prompt_length", pa.int64()), ("text", pa.string()), ("offsets", pa.list_(ints)),
-        ("special", pa.list_(pa.bool_())), ("sink_share", pa.float64()),
+        ("special", pa.list_(pa.bool_())), ("sink_share", pa.float64()), ("sink_shares", pa.list_(pa.float64())),
     ])
 
 
