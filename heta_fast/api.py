@@ -135,16 +135,25 @@ class HETA:
                              f"for {L} tokens (position 0 has no context)")
         y = self.target_id(target_token) if target_token is not None else ids[target_pos]
         token = sink.sink_token_id(self.tokenizer, self.model)
-        ids, target_pos, added = sink.prepend(ids, target_pos, config.sink, token)
         backend = backends.resolve(config.backend, self.lm)
-        self.check_size(target_pos + 1, config)
+        windows = bool(config.window_size) and target_pos > config.window_size
+        self.check_size(target_pos + 1, config, sink_rows=int(config.sink != "none" and (windows or ids[0] != token)))
         context = torch.tensor(ids[:target_pos], dtype=torch.long)
+        shares: list[float] = []
+
+        def compute(window: torch.Tensor) -> Components:  # ids [w + 1]: a window of the context, the target
+            window_ids, _, added = sink.prepend(window.tolist(), 0, config.sink, token)  # a sink per window
+            c = backend.components(self.lm, torch.tensor(window_ids, dtype=torch.long), config, progress)
+            c, share = sink.strip(c, added, config.beta, config.gamma, config.mix)
+            if share is not None:
+                shares.append(share)
+            return c
+
         with self.lm.prepared():
-            c = windowed(lambda window: backend.components(self.lm, window, config, progress), context, y,
-                         config.window_size, config.overlap)
-        c, share = sink.strip(c, added, config.beta, config.gamma, config.mix)
-        return self._with_source(self._attribution(c, context.tolist()[added:], y, target_pos - added, config,
-                                                   backend.name, share), text_or_ids)
+            c = windowed(compute, context, y, config.window_size, config.overlap)
+        share = sum(shares) / len(shares) if shares else None
+        return self._with_source(self._attribution(c, context.tolist(), y, target_pos, config, backend.name, share),
+                                 text_or_ids)
 
     def attribute_targets(self, text_or_ids: str | Sequence[int] | torch.Tensor, targets: Sequence[int], *,
                           config: HETAConfig | None = None, progress: Progress | None = None,
@@ -166,8 +175,8 @@ class HETA:
         # one sink token before the text serves every target: positions shift by ``added``
         ids, _, added = sink.prepend(ids, 0, config.sink, sink.sink_token_id(self.tokenizer, self.model))
         shifted = [t + added for t in targets]
-        self.check_size(max(shifted) + 1, config)
         windows = bool(config.window_size) and max(targets) > config.window_size  # windows are cut per target
+        self.check_size(max(targets) + 1, config, sink_rows=int(config.sink != "none" and (windows or added)))
         if windows:
             with self.lm.prepared():
                 rows = [self.attribute(ids[added:], target_pos=t, config=config, progress=progress)
@@ -227,21 +236,24 @@ class HETA:
         return self.attribute_targets(ids, list(range(start, len(ids))), config=config, progress=progress,
                                       prompt_length=start)
 
-    def check_size(self, rows: int, config: HETAConfig) -> None:
+    def check_size(self, rows: int, config: HETAConfig, sink_rows: int = 0) -> None:
         """``ValueError`` before any model work when ``rows`` positions (context and target) cannot run.
 
         With windows (``window_size`` set and shorter than the context) each forward runs
-        ``window_size + 1`` rows instead. Checks the model's position limit, then that the shared
+        ``window_size + 1`` rows instead; ``sink_rows`` (0 or 1): the sink token put before the
+        context (or before each window). Checks the model's position limit, then that the shared
         forward fits ``memory_budget`` (``heta_fast.memory.check_fits``).
         """
         window = config.window_size
-        run = window + 1 if window and rows - 1 > window else rows
+        windows = bool(window) and rows - 1 > window
+        run = (window + 1 if windows else rows) + sink_rows
         limit = self.lm.position_limit
         if limit is not None and run > limit:
-            what = f"a window of {window} tokens and the target make" if run < rows else \
-                f"{rows - 1} context tokens and the target make"
+            what = f"a window of {window} tokens" if windows else f"{rows - 1} context tokens"
+            what += ", the sink token and the target make" if sink_rows else " and the target make"
             raise ValueError(f"{what} {run} positions, more than this {self.lm.family} model's limit of {limit} "
-                             f"(max_position_embeddings); pass window_size <= {limit - 1} to attribute it in windows")
+                             f"(max_position_embeddings); pass window_size <= {limit - 1 - sink_rows} to attribute "
+                             f"it in windows")
         check_fits(self.lm, run, config.memory_budget or default_budget(self.lm.device))
 
     def _config(self, config: HETAConfig | None, overrides: dict) -> HETAConfig:

@@ -55,6 +55,17 @@ def test_over_length_input_names_the_limit_and_suggests_windows(build):
     assert calls == []
     windowed = heta.attribute(ids, window_size=8, samples=1)  # what the message suggests works
     assert len(windowed) == 19 and torch.isfinite(windowed.scores).all()
+    # the sink token takes a position too, in every window, and the message counts it
+    ids = ids.clamp_min(2)  # no BOS (id 0 or 1) in the text: the sink is added
+    with pytest.raises(ValueError, match=r"15 context tokens, the sink token and the target make 17 positions, "
+                                         r".* pass window_size <= 14"):
+        heta.attribute(ids[:16], sink="bos")
+    with pytest.raises(ValueError, match="a window of 15 tokens, the sink token and the target make 17 positions"):
+        heta.attribute(ids, sink="bos", window_size=15)
+    with pytest.raises(ValueError, match="15 context tokens, the sink token and the target make 17"):
+        heta.attribute(ids[:16], targets=[3, 15], sink="bos")
+    assert calls == []
+    assert len(heta.attribute(ids[:15], sink="bos", samples=1)) == 14  # 14 + sink + target = 16 fits
 
 
 def test_an_input_that_cannot_fit_the_budget_is_refused_with_bytes_needed():

@@ -49,6 +49,28 @@ def test_many_targets_share_one_sink(fresh_seed, backend):
     assert again.sink_shares == many.sink_shares and again[1].sink_share == many[1].sink_share
 
 
+def test_every_window_gets_its_own_sink(fresh_seed):
+    """With windows, each window runs with the sink before it (not only the first window):
+    per token the mean over the windows holding it of that window's own sink-stripped parts."""
+    heta = HETA(tiny_llama(fresh_seed % 1000))
+    ids = [i if i != 1 else 2 for i in random_ids(fresh_seed, 13).tolist()]
+    config = HETAConfig(samples=2, seed=fresh_seed % 1000, sink="bos")
+    got = heta.attribute(ids, config=config, window_size=6, overlap=0.5)
+    n = len(ids) - 1
+    total = {name: torch.zeros(n) for name in ("M", "S", "I")}
+    count, shares = torch.zeros(n), []
+    for a in range(0, n - 6 + 1, 3):  # spans of 6 with stride 3 cover 0..12 exactly
+        one = heta.attribute([*ids[a:a + 6], ids[-1]], config=config)  # one window, its own sink
+        for name in total:
+            total[name][a:a + 6] += getattr(one, name)
+        count[a:a + 6] += 1
+        shares.append(one.sink_share)
+    M = total["M"] / count
+    assert rel_err(got.M, M / M.sum()) < 1e-5
+    assert rel_err(got.S, total["S"] / count) < 1e-5 and rel_err(got.I, total["I"] / count) < 1e-5
+    assert got.sink_share == pytest.approx(sum(shares) / len(shares), rel=1e-5)
+
+
 def test_normalised_mix_formula():
     c = Components(M=torch.tensor([0.5, 0.25, 0.25]), S=torch.tensor([100.0, 300.0, 600.0]),
                    I=torch.tensor([0.0, 0.0, 0.0]))
