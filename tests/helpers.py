@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from heta_fast import HETAConfig
+
 VOCAB = 97
 
 
@@ -40,3 +42,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """``max|a - b| / max|b|``: the relative error of a vector, scaled by its largest entry."""
     scale = b.abs().max().clamp_min(1e-30)
     return float((a.double() - b.double()).abs().max() / scale)
+
+
+# The method exactly as docs/method.md defines it. Tests that compare against an explicit
+# computation of the definition say so by using it, whatever the library's defaults are.
+SPEC = HETAConfig.paper()

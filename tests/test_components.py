@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import VOCAB, random_ids, rel_err
+from helpers import SPEC, VOCAB, random_ids, rel_err
 
 from heta_fast import HETA, HETAConfig
 from heta_fast.components import window_spans
@@ -122,7 +122,8 @@ def explicit_information(model, E: torch.Tensor, mask: str, seed: int) -> torch.
 @pytest.mark.parametrize("flow_layers", [None, 2])
 def test_semantic_flow_matches_explicit_rollout(model, fresh_seed, backend, source, flow_layers):
     ids = random_ids(fresh_seed, 11)
-    a = HETA(model).attribute(ids, samples=1, backend=backend, value_source=source, flow_layers=flow_layers)
+    a = HETA(model, config=SPEC).attribute(ids, samples=1, backend=backend, value_source=source,
+                                           flow_layers=flow_layers)
     expected = explicit_flow(model, embeddings(model, ids), source, flow_layers)
     assert rel_err(a.M, expected) < 1e-5
     assert abs(float(a.M.sum()) - 1) < 1e-5
@@ -132,7 +133,7 @@ def test_semantic_flow_matches_explicit_rollout(model, fresh_seed, backend, sour
 def test_hessian_sensitivity_matches_full_hessian(model, fresh_seed, backend):
     ids = random_ids(fresh_seed, 9)
     seed = fresh_seed
-    a = HETA(model).attribute(ids, samples=3, seed=seed, backend=backend)
+    a = HETA(model, config=SPEC).attribute(ids, samples=3, seed=seed, backend=backend)
     expected = explicit_sensitivity(model, embeddings(model, ids), int(ids[-1]), 3, seed)
     assert rel_err(a.S, expected) < 1e-4
 
@@ -141,7 +142,7 @@ def test_hessian_sensitivity_matches_full_hessian(model, fresh_seed, backend):
 @pytest.mark.parametrize("mask", ["zero", "mean", "unk"])
 def test_kl_information_matches_masked_forwards(model, fresh_seed, backend, mask):
     ids = random_ids(fresh_seed, 10)
-    a = HETA(model).attribute(ids, samples=1, backend=backend, mask=mask, seed=fresh_seed)
+    a = HETA(model, config=SPEC).attribute(ids, samples=1, backend=backend, mask=mask, seed=fresh_seed)
     expected = explicit_information(model, embeddings(model, ids), mask, fresh_seed)
     assert rel_err(a.I, expected) < 1e-4
     assert (a.I >= 0).all()
@@ -151,13 +152,14 @@ def test_kl_information_matches_masked_forwards(model, fresh_seed, backend, mask
 def test_scores_combine_components(model, fresh_seed, backend):
     g = torch.Generator().manual_seed(fresh_seed)
     beta, gamma = (float(x) for x in torch.rand(2, generator=g) * 2)
-    a = HETA(model).attribute(random_ids(fresh_seed, 8), samples=2, beta=beta, gamma=gamma, backend=backend)
+    a = HETA(model, config=SPEC).attribute(random_ids(fresh_seed, 8), samples=2, beta=beta, gamma=gamma,
+                                           backend=backend)
     assert torch.equal(a.scores, a.M * (beta * a.S + gamma * a.I))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_windows_average_hand_computed_windows(model, fresh_seed, backend):
-    heta = HETA(model, config=HETAConfig(samples=2, backend=backend, seed=7))
+    heta = HETA(model, config=HETAConfig.paper(samples=2, backend=backend, seed=7))
     ids = random_ids(fresh_seed, 11)  # n = 10 context tokens
     y = int(ids[-1])
     got = heta.attribute(ids, window_size=4, overlap=0.5)
@@ -190,7 +192,7 @@ def test_window_spans_follow_the_method():
 def test_target_token_override_explains_another_token(model, fresh_seed):
     ids = random_ids(fresh_seed, 8)
     other = (int(ids[-1]) + 1) % VOCAB
-    heta = HETA(model)
+    heta = HETA(model, config=SPEC)
     a = heta.attribute(ids, target_token=other, samples=2)
     b = heta.attribute(torch.cat([ids[:-1], torch.tensor([other])]), samples=2)
     assert a.target_id == other and a.target_pos == 7

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_ids, rel_err
+from helpers import SPEC, random_ids, rel_err
 
 from heta_fast import HETA
 from heta_fast.config import HESSIANS, HETAConfig
@@ -59,7 +59,7 @@ def input_hessian(model, E: torch.Tensor, y: int) -> torch.Tensor:
 
 def setup(model, seed: int, length: int):
     ids = random_ids(seed, length)
-    return HETA(model), ids, embeddings(model, ids), int(ids[-1])
+    return HETA(model, config=SPEC), ids, embeddings(model, ids), int(ids[-1])
 
 
 # -- low_rank ------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def test_dispatch_table_covers_every_config_choice_and_exact_is_the_exact_path(m
     E = lm.embed(ids)
     with torch.no_grad():
         key_values = lm.key_values(lm.hidden(E[None, :-1], use_cache=True))
-    config = HETAConfig(samples=2, seed=fresh_seed)
+    config = HETAConfig.paper(samples=2, seed=fresh_seed)
     budget = 1 << 28
     expected = hessian_sensitivity(lm, E, int(ids[-1]), key_values, config, budget)
     assert torch.equal(estimate_sensitivity(lm, E, int(ids[-1]), key_values, config, budget), expected)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from helpers import rel_err
+from helpers import SPEC, rel_err
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
@@ -199,7 +199,7 @@ def test_backend_matches_explicit_computations(case, backend):
     name, model, ids, seed, oracle = case
     if backend == "triton" and not backends.triton_status(torch.device("cpu"))[0]:
         pytest.skip(backends.triton_status(torch.device("cpu"))[1])
-    got = HETA(model).attribute(ids, backend=backend, samples=SAMPLES, seed=seed)
+    got = HETA(model, config=SPEC).attribute(ids, backend=backend, samples=SAMPLES, seed=seed)
     assert got.backend == backend
     err = errors(got, oracle)
     assert all(err[k] < TOLERANCE[k] for k in TOLERANCE), f"{name} / {backend} (seed {seed}): {err}"
@@ -207,7 +207,7 @@ def test_backend_matches_explicit_computations(case, backend):
 
 def test_several_targets_share_the_work_and_match_one_by_one(case):
     name, model, ids, seed, _ = case
-    heta = HETA(model)
+    heta = HETA(model, config=SPEC)
     several = heta.attribute(ids, targets=[CONTEXT, 6], backend="torch", samples=1, seed=seed, mask="unk")
     for k, t in enumerate([CONTEXT, 6]):
         row = several[k]
@@ -229,13 +229,13 @@ def test_a_cache_that_keeps_only_the_window_is_caught(monkeypatch):
         return real(*args, **kwargs) if args or kwargs else real(config=model.config)
 
     monkeypatch.setattr(cache_module, "DynamicCache", generation_cache)
-    err = errors(HETA(model).attribute(ids, backend="torch", samples=SAMPLES, seed=3), oracle)
+    err = errors(HETA(model, config=SPEC).attribute(ids, backend="torch", samples=SAMPLES, seed=3), oracle)
     assert err["S"] > 10 * TOLERANCE["S"] and err["I"] > 10 * TOLERANCE["I"], err
 
 
 def test_a_token_outside_a_layers_window_receives_no_attention_there():
     model = build("mistral", 1)
-    heta = HETA(model)
+    heta = HETA(model, config=SPEC)
     ids = torch.randint(0, VOCAB, (CONTEXT,), generator=torch.Generator().manual_seed(1))
     with heta.lm.prepared(), torch.no_grad():
         out = heta.lm.hidden(heta.lm.embed(ids)[None], output_attentions=True, use_cache=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_ids
+from helpers import SPEC, random_ids
 
 from heta_fast import HETA
 from heta_fast.cli import main
@@ -40,7 +40,7 @@ def forwards_counted(model) -> list[int]:
 @pytest.mark.parametrize("build", [tiny_gpt2, tiny_rope])
 def test_over_length_input_names_the_limit_and_suggests_windows(build):
     model = build(16)
-    heta = HETA(model)
+    heta = HETA(model, config=SPEC)
     calls = forwards_counted(model)
     ids = random_ids(0, 20) % 20
     with pytest.raises(ValueError, match=r"19 context tokens and the target make 20 positions, more than this \w+ "
@@ -70,7 +70,7 @@ def test_over_length_input_names_the_limit_and_suggests_windows(build):
 
 def test_an_input_that_cannot_fit_the_budget_is_refused_with_bytes_needed():
     model = tiny_rope(512)
-    heta = HETA(model)
+    heta = HETA(model, config=SPEC)
     calls = forwards_counted(model)
     ids = random_ids(1, 200)
     budget = forward_bytes(heta.lm, 101)  # a 100-token window fits, 200 tokens do not

@@ -60,7 +60,7 @@ def assert_rows_match(multi: MultiAttribution, singles: list[Attribution], tol: 
 @pytest.mark.parametrize("mask", ["zero", "mean", "unk"])
 @pytest.mark.parametrize("targets", sorted(TARGET_SETS))
 def test_rows_equal_single_target_attributions(model, fresh_seed, mask, targets):
-    heta = HETA(model, config=HETAConfig(samples=2, mask=mask, seed=fresh_seed, backend="torch"))
+    heta = HETA(model, config=HETAConfig.paper(samples=2, mask=mask, seed=fresh_seed, backend="torch"))
     ids = random_ids(fresh_seed, L)
     positions = TARGET_SETS[targets]
     multi = heta.attribute(ids, targets=positions)
@@ -70,7 +70,7 @@ def test_rows_equal_single_target_attributions(model, fresh_seed, mask, targets)
 
 @pytest.mark.parametrize("estimator", ["low_rank", "gauss_newton", "layer_subset"])
 def test_approximate_estimators_run_per_target(fresh_seed, estimator):
-    heta = HETA(tiny_llama(fresh_seed % 1000), config=HETAConfig(samples=2, seed=fresh_seed, hessian=estimator,
+    heta = HETA(tiny_llama(fresh_seed % 1000), config=HETAConfig.paper(samples=2, seed=fresh_seed, hessian=estimator,
                                                                  backend="torch"))
     ids = random_ids(fresh_seed, 10)
     positions = [9, 2, 6]
@@ -84,7 +84,7 @@ def test_approximate_estimators_run_per_target(fresh_seed, estimator):
 
 
 def test_reference_backend_loops_and_agrees_with_the_shared_path(model, fresh_seed):
-    heta = HETA(model, config=HETAConfig(samples=2, seed=fresh_seed))
+    heta = HETA(model, config=HETAConfig.paper(samples=2, seed=fresh_seed))
     ids = random_ids(fresh_seed, 10)
     positions = [3, 9, 5]
     oracle = heta.attribute(ids, targets=positions, backend="reference")
@@ -94,7 +94,7 @@ def test_reference_backend_loops_and_agrees_with_the_shared_path(model, fresh_se
 
 
 def test_windows_fall_back_to_one_target_at_a_time(model, fresh_seed):
-    heta = HETA(model, config=HETAConfig(samples=2, seed=fresh_seed, window_size=4, overlap=0.5, backend="torch"))
+    heta = HETA(model, config=HETAConfig.paper(samples=2, seed=fresh_seed, window_size=4, overlap=0.5, backend="torch"))
     ids = random_ids(fresh_seed, 11)
     positions = [3, 10, 7]  # contexts 3 (no windows) and 10, 7 (windowed)
     multi = heta.attribute(ids, targets=positions)
@@ -107,7 +107,7 @@ def test_windows_fall_back_to_one_target_at_a_time(model, fresh_seed):
 @pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama])
 def test_explain_generation_explains_the_greedy_continuation(build, fresh_seed):
     model = build(fresh_seed % 1000)
-    heta = HETA(model, config=HETAConfig(samples=2, seed=fresh_seed, backend="torch"))
+    heta = HETA(model, config=HETAConfig.paper(samples=2, seed=fresh_seed, backend="torch"))
     prompt = random_ids(fresh_seed, 6)
     new = 5
     multi = heta.explain_generation(prompt, max_new_tokens=new, stop_at_eos=False)
@@ -121,7 +121,7 @@ def test_explain_generation_explains_the_greedy_continuation(build, fresh_seed):
 
 def test_explain_generation_stops_after_eos(fresh_seed):
     model = tiny_gpt2(fresh_seed % 1000)
-    heta = HETA(model, config=HETAConfig(samples=1))
+    heta = HETA(model, config=HETAConfig.paper(samples=1))
     prompt = random_ids(fresh_seed, 5).tolist()
     with torch.no_grad():
         first = int(model(torch.tensor([prompt])).logits[0, -1].argmax())
@@ -132,7 +132,7 @@ def test_explain_generation_stops_after_eos(fresh_seed):
 
 
 def test_multi_attribution_layout_and_round_trip(fresh_seed):
-    heta = HETA(tiny_llama(fresh_seed % 1000), config=HETAConfig(samples=1, backend="torch"))
+    heta = HETA(tiny_llama(fresh_seed % 1000), config=HETAConfig.paper(samples=1, backend="torch"))
     ids = random_ids(fresh_seed, 9)
     multi = heta.attribute(ids, targets=[8, 2, 5])
     assert multi.matrix.shape == (3, 8) and multi.scores is multi.matrix
@@ -192,7 +192,7 @@ def test_per_target_reduction_path_matches_the_grouped_one(model, fresh_seed):
     """The triton backend's route (a fused ``linear_kl`` called per target), with torch's reduction in it."""
     lm = CausalLM(model)
     ids = random_ids(fresh_seed, 12)
-    config = HETAConfig(samples=1, seed=fresh_seed, mask="unk")
+    config = HETAConfig.paper(samples=1, seed=fresh_seed, mask="unk")
     ops = Ops(linear_kl=lambda *args, **kwargs: kl.linear_kl(*args, **kwargs))  # not kl.linear_kl itself
     grouped, _ = components_many(lm, ids, [11, 4, 8], config, sensitivity=False)
     per_target, _ = components_many(lm, ids, [11, 4, 8], config, ops=ops, sensitivity=False)
@@ -201,7 +201,7 @@ def test_per_target_reduction_path_matches_the_grouped_one(model, fresh_seed):
 
 
 def test_progress_reaches_every_stage(fresh_seed):
-    heta = HETA(tiny_gpt2(), config=HETAConfig(samples=1, backend="torch"))
+    heta = HETA(tiny_gpt2(), config=HETAConfig.paper(samples=1, backend="torch"))
     seen = []
     heta.attribute(random_ids(fresh_seed, 8), targets=[3, 7], progress=lambda *a: seen.append(a))
     last = {stage: (done, total) for stage, done, total in seen}
@@ -259,7 +259,7 @@ def test_bad_targets_are_named_before_model_work(guarded, call, error, message):
 
 
 def test_targets_accept_ranges_and_tensors(fresh_seed):
-    heta = HETA(tiny_gpt2(), config=HETAConfig(samples=1, backend="torch"))
+    heta = HETA(tiny_gpt2(), config=HETAConfig.paper(samples=1, backend="torch"))
     ids = random_ids(fresh_seed, 7)
     a = heta.attribute(ids, targets=range(4, 7))
     b = heta.attribute(ids, targets=torch.tensor([4, 5, 6]))

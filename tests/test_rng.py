@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_ids, rel_err
+from helpers import SPEC, random_ids, rel_err
 
 from heta_fast import HETA
 from heta_fast.memory import MemoryBudgetWarning, forward_bytes
@@ -50,7 +50,7 @@ def test_probe_and_unk_statistics():
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_same_seed_same_scores_bitwise(model, fresh_seed, backend):
-    heta = HETA(model)
+    heta = HETA(model, config=SPEC)
     ids = random_ids(fresh_seed, 9)
     seed = fresh_seed
     a = heta.attribute(ids, samples=3, seed=seed, mask="unk", backend=backend)
@@ -65,7 +65,7 @@ def test_same_seed_same_scores_bitwise(model, fresh_seed, backend):
 
 def test_scores_do_not_depend_on_batch_size(model, fresh_seed):
     """Different memory budgets batch positions differently; the probes (and so S) stay the same."""
-    heta = HETA(model)
+    heta = HETA(model, config=SPEC)
     ids = random_ids(fresh_seed, 14)
     budget = forward_bytes(heta.lm, 14)  # just the shared forward: one position per batch
     with pytest.warns(MemoryBudgetWarning):
