@@ -68,6 +68,19 @@ def test_gap_to_exact_and_seed_floor_by_hand():
     assert "| heta_gauss_newton | 1 | 0.3 [0.3, 0.3] |" in text
 
 
+def test_goal_needs_intervals_apart_from_every_baseline():
+    def entry(dsa, comp):
+        return {"examples": 3, "dsa": dsa, "comprehensiveness": comp}
+    summary = {"methods": {"heta_a": entry((0.5, 0.4, 0.6), (0.9, 0.8, 1.0)),
+                           "heta_b": entry((0.5, 0.3, 0.6), (0.9, 0.8, 1.0)),
+                           "occlusion": entry((0.3, 0.2, 0.35), (0.5, 0.4, 0.6)),
+                           "saliency": entry((0.1, 0.0, 0.2), (0.7, 0.6, 0.79))}}
+    assert runner.goal(summary) == {"heta_a": [], "heta_b": ["occlusion"]}
+    summary["methods"]["saliency"]["comprehensiveness"] = (0.85, 0.7, 0.8)
+    assert runner.goal(summary) == {"heta_a": ["saliency"], "heta_b": ["occlusion", "saliency"]}
+    assert "met by none. Closest: heta_a (not above saliency)" in runner.markdown(summary, "t")
+
+
 def test_bootstrap_interval():
     mean, lo, hi = runner.bootstrap([2.0] * 5)
     assert (mean, lo, hi) == (2.0, 2.0, 2.0)

@@ -20,7 +20,7 @@ import transformers
 
 from heta_fast.evaluation import metrics
 from heta_fast.evaluation.data import Example, load_examples, prepare
-from heta_fast.evaluation.methods import LAST_IG_DELTA, available, is_slow, resolve
+from heta_fast.evaluation.methods import BASELINES, LAST_IG_DELTA, available, is_slow, resolve
 
 BOOTSTRAP = 1000
 METRICS = ("soft_nc", "soft_ns", "soft_c_za", "soft_s_za", "comprehensiveness", "sufficiency", "dsa", "f1",
@@ -180,6 +180,32 @@ def summarise(records: Sequence[dict]) -> dict:
     return out
 
 
+GOAL_METRICS = ("dsa", "comprehensiveness")
+
+
+def goal(summary: dict, metrics_: Sequence[str] = GOAL_METRICS) -> dict[str, list[str]]:
+    """The team's goal, per HETA method: the baselines it does not beat on every metric of
+    ``metrics_`` with intervals that do not overlap (its lower bound above their upper bound;
+    for lower-is-better metrics the other way round). An empty list means the goal is met."""
+    table = summary["methods"]
+    out = {}
+    for name, entry in table.items():
+        if not name.startswith("heta_"):
+            continue
+        short = []
+        for baseline in (b for b in table if b in BASELINES):
+            for metric in metrics_:
+                mine, theirs = entry.get(metric), table[baseline].get(metric)
+                if not mine or not theirs:
+                    continue
+                better = mine[2] < theirs[1] if metric in LOWER_IS_BETTER else mine[1] > theirs[2]
+                if not better:
+                    short.append(baseline)
+                    break
+        out[name] = short
+    return out
+
+
 def _cell(value) -> str:
     if not value:
         return ""
@@ -211,6 +237,13 @@ def markdown(summary: dict, title: str) -> str:
         for name, entry in gaps.items():
             cells = [_cell(entry["gap_vs_exact"][m]) for m in GAP_METRICS]
             lines.append(f"| {name} | {entry['gap_examples']} | " + " | ".join(cells) + " |")
+    if any(n in BASELINES for n in summary["methods"]):
+        verdict = goal(summary)
+        met = [n for n, short in verdict.items() if not short]
+        lines += ["", f"Goal (a HETA method above every baseline on {' and '.join(GOAL_METRICS)}, intervals not "
+                      f"overlapping): " + (f"met by {', '.join(met)}." if met else "met by none. Closest: "
+                      + "; ".join(f"{n} (not above {', '.join(short)})" for n, short in
+                                  sorted(verdict.items(), key=lambda kv: len(kv[1]))[:3]) + ".")]
     ig = summary["methods"].get("integrated_gradients")
     if ig:
         lines += ["", f"Integrated gradients ({ig['examples']} examples): completeness error "
