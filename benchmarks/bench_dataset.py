@@ -90,7 +90,7 @@ def child(args: argparse.Namespace) -> dict:
 
     estimator, engine = args.child
     torch.set_num_threads(args.threads)
-    config = HETAConfig(hessian=estimator, memory_budget=args.memory_budget)
+    config = HETAConfig.paper(hessian=estimator, memory_budget=args.memory_budget)
     out = Path(args.work) / f"{estimator}-{engine}.jsonl"
     if out.exists():
         out.unlink()

@@ -218,7 +218,7 @@ def sampled_exact_seconds(lm, ids: torch.Tensor, samples: int, seed: int, positi
         key_values = lm.key_values(lm.hidden(E[None, :t], use_cache=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MemoryBudgetWarning)  # it runs positions one by one on purpose
-        out = fast_hessian_sampled(lm, E, y, key_values, HETAConfig(samples=samples, seed=seed), positions)
+        out = fast_hessian_sampled(lm, E, y, key_values, HETAConfig.paper(samples=samples, seed=seed), positions)
     return {"estimate": out["estimate"], "samples": samples, "label": out["label"]}
 
 
@@ -253,14 +253,14 @@ def run(examples: int = 20, lengths: Sequence[int] = (64, 128, 256), prompts: in
                  "load_average_start": load_average(), "sets": {}}
     started = time.perf_counter()
     warm = torch.tensor(heta.tokenizer("Warm up the kernels once.", add_special_tokens=False)["input_ids"])
-    evaluate(lm, warm, HETAConfig(samples=1, seed=seed), estimators, budget)
+    evaluate(lm, warm, HETAConfig.paper(samples=1, seed=seed), estimators, budget)
     text, source = prompt_text(curated)
     out["prompt_source"] = source
     sets = [("curated", curated_inputs(heta.tokenizer, examples, curated), samples)] if examples else []
     sets += [(f"random n={n}", random_inputs(heta.tokenizer, text, n, prompts, seed), random_samples)
              for n in lengths if prompts]
     for name, inputs, m in sets:
-        config = HETAConfig(samples=m, seed=seed)
+        config = HETAConfig.paper(samples=m, seed=seed)
         rows = []
         for label, ids in inputs:
             load = load_average()
@@ -374,7 +374,7 @@ def memory_run(n: int = 1024, estimator: str = "gauss_newton", budget: int = 4 *
         heta = HETA.from_pretrained()
     lm = heta.lm
     _, fields = parse_estimator(estimator)
-    config = HETAConfig(samples=samples, seed=seed, memory_budget=budget, backend="torch", **fields)
+    config = HETAConfig.paper(samples=samples, seed=seed, memory_budget=budget, backend="torch", **fields)
     text, _ = prompt_text(curated)
     ids = prompt_ids(heta.tokenizer, text, n)
     E, y = lm.embed(ids), int(ids[-1])

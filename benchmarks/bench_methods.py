@@ -56,7 +56,7 @@ from benchmarks.common import (
     prompt_text,
     save_json,
 )
-from heta_fast import HETA
+from heta_fast import HETA, HETAConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "methods.json"
@@ -130,7 +130,8 @@ def captum_methods(heta: HETA, ig_steps: int = 50) -> dict[str, Method]:
 def heta_methods(heta: HETA, samples: int) -> dict[str, Method]:
     def preset(options: dict) -> Method:
         def method(ids: torch.Tensor) -> torch.Tensor:
-            return heta.attribute(ids, backend="torch", samples=samples, **options).scores
+            config = HETAConfig.paper(backend="torch", samples=samples, **options)  # the definition's sink and mix
+            return heta.attribute(ids, config=config).scores
         return method
     return {name: preset(options) for name, options in PRESETS.items()}
 

@@ -82,7 +82,7 @@ def run(prompt_tokens: int = 64, targets: int = 16, repeats: int = 5, threads: i
     start = time.perf_counter()
     heta = HETA.from_pretrained()
     load_seconds = time.perf_counter() - start
-    config = HETAConfig(samples=1, backend="torch")
+    config = HETAConfig.paper(samples=1, backend="torch")
     text, source = prompt_text(curated)
     prompt = prompt_ids(heta.tokenizer, text, prompt_tokens - 1)  # exactly prompt_tokens ids
     ids = torch.tensor(heta.generate(prompt, targets, stop_at_eos=False), dtype=torch.long)

@@ -72,7 +72,7 @@ def run(lengths: Sequence[int] = (64,), samples: int = 10, repeats: int = 3, thr
         E = lm.embed(ids)
         y = int(ids[-1])
         # a fixed budget keeps both variants on the same batches (the default follows free memory)
-        config = HETAConfig(samples=samples, seed=seed, memory_budget=memory_budget)
+        config = HETAConfig.paper(samples=samples, seed=seed, memory_budget=memory_budget)
         budget = config.memory_budget or default_budget(lm.device)
         with torch.no_grad():
             key_values = lm.key_values(lm.hidden(E[None, :n], use_cache=True))

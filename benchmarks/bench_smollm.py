@@ -329,7 +329,7 @@ def run(lengths: Sequence[int] = (32, 64, 128, 256), samples: int = 10,
         log("loading SmolLM2-135M-Instruct ...")
         heta = HETA.from_pretrained()
     lm = heta.lm
-    config = HETAConfig(samples=samples, seed=seed)
+    config = HETAConfig.paper(samples=samples, seed=seed)
     text, source = prompt_text(curated)
     sizes = ModelSizes.of(lm)
     out: dict = {
@@ -344,7 +344,7 @@ def run(lengths: Sequence[int] = (32, 64, 128, 256), samples: int = 10,
     log("warming up ...")
     warm = prompt_ids(heta.tokenizer, text, 8)
     for backend in backends:
-        resolve(backend, lm).components(lm, warm, HETAConfig(samples=1))
+        resolve(backend, lm).components(lm, warm, HETAConfig.paper(samples=1))
     out["peak_gflops_start"] = matmul_peak()
     log(f"fp32 matmul peak (2048^3): {out['peak_gflops_start']:.1f} GFLOP/s")
     for n in lengths:

@@ -34,12 +34,13 @@ _CHILD = r"""
 import json, os, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[4]))
-from heta_fast import HETA
+from heta_fast import HETA, HETAConfig
+spec = {"sink": "none", "mix": "raw"} if hasattr(HETAConfig(), "sink") else {}  # the definition in every version
 heta = HETA.from_pretrained()
 ids = heta.tokenizer(sys.argv[2])["input_ids"][: int(sys.argv[3]) + 1]
-heta.attribute(ids[:9], samples=1, backend="torch")
+heta.attribute(ids[:9], samples=1, backend="torch", **spec)
 start = time.perf_counter()
-heta.attribute(ids, samples=int(sys.argv[5]), backend="torch", seed=0)
+heta.attribute(ids, samples=int(sys.argv[5]), backend="torch", seed=0, **spec)
 print(json.dumps({"seconds": time.perf_counter() - start}))
 """
 
