@@ -37,12 +37,14 @@ def problem():
     lm = CausalLM(LlamaForCausalLM(config))
     ids = torch.randint(0, lm.vocab_size, (N_CONTEXT + 1,))
     E, y, t = lm.embed(ids), int(ids[-1]), N_CONTEXT
-    with lm.prepared(), torch.no_grad(), lm.capture_values("attention") as values:
-        out = lm.hidden(E[None, :t], output_attentions=True, use_cache=True)
-        log_P = torch.log_softmax(lm.unembed(out.last_hidden_state[0, -1]).double(), dim=-1)
-    lm.model.requires_grad_(False)  # a benchmark's own model, frozen for the lm-level calls below
-    return {"lm": lm, "ids": ids, "E": E, "y": y, "attentions": out.attentions, "values": values, "log_P": log_P,
-            "key_values": lm.key_values(out), "config": HETAConfig(samples=SAMPLES, memory_budget=BUDGET)}
+    # the lm-level calls below need what prepared() sets (eager attention: sdpa has no double
+    # backward on CPU), so the whole module runs inside it
+    with lm.prepared():
+        with torch.no_grad(), lm.capture_values("attention") as values:
+            out = lm.hidden(E[None, :t], output_attentions=True, use_cache=True)
+            log_P = torch.log_softmax(lm.unembed(out.last_hidden_state[0, -1]).double(), dim=-1)
+        yield {"lm": lm, "ids": ids, "E": E, "y": y, "attentions": out.attentions, "values": values, "log_P": log_P,
+               "key_values": lm.key_values(out), "config": HETAConfig.paper(samples=SAMPLES, memory_budget=BUDGET)}
 
 
 def _run(benchmark, group: str, fn):
