@@ -40,7 +40,7 @@ from heta_fast.semantic_flow import prediction_rows
 
 Method = Callable[..., torch.Tensor]
 IG_STEPS = 64
-LAST_IG_DELTA: dict[str, float] = {}  # the last IG call: {"delta": ..., "change": g(E) - g(0)}
+LAST_IG_DELTA: dict[str, float] = {}  # the last IG call: {"delta": ..., "change": g(E) - g(B)}, B the baseline
 
 
 def _captum():

@@ -247,8 +247,8 @@ def markdown(summary: dict, title: str) -> str:
     ig = summary["methods"].get("integrated_gradients")
     if ig:
         lines += ["", f"Integrated gradients ({ig['examples']} examples): completeness error "
-                      f"|sum a - (g(E) - g(0))| mean {_cell(ig['ig_delta'])}, median relative to "
-                      f"|g(E) - g(0)|: {ig['ig_relative_delta_median']:.3g}."]
+                      f"|sum a - (g(E) - g(B))| (B the baseline) mean {_cell(ig['ig_delta'])}, median relative to "
+                      f"|g(E) - g(B)|: {ig['ig_relative_delta_median']:.3g}."]
     shares = {n: e["sink_share"] for n, e in summary["methods"].items() if "sink_share" in e}
     if shares:
         lines += ["", "Sink token's share of the score before it is dropped: "
