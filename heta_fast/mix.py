@@ -30,3 +30,21 @@ def mixed(c: Components, beta: float, gamma: float, mix: str) -> torch.Tensor:
     if mix == "normalised":
         return combine(Components(c.M, unit_sum(c.S), unit_sum(c.I)), beta, gamma)
     raise ValueError(f"unknown mix {mix!r}; expected raw or normalised")
+
+
+def terms(c: Components, beta: float, gamma: float, mix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Hessian and KL summands of ``mixed`` (``[n]`` each; they add up to it):
+    ``M beta S`` and ``M gamma I`` under ``raw``; ``S`` and ``I`` scaled to unit sum under ``normalised``."""
+    if mix == "raw":
+        return c.M * beta * c.S, c.M * gamma * c.I
+    if mix == "normalised":
+        return c.M * beta * unit_sum(c.S), c.M * gamma * unit_sum(c.I)
+    raise ValueError(f"unknown mix {mix!r}; expected raw or normalised")
+
+
+def formula(beta: float, gamma: float, mix: str) -> str:
+    """The score's formula under ``mix``, with the weights written in (for result pages)."""
+    if mix == "normalised":
+        return f"M × ({beta} × S/ΣS + {gamma} × I/ΣI)"
+    return f"M × ({beta} × S + {gamma} × I)"
+

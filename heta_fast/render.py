@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from heta_fast.checks import is_int
+from heta_fast.components import Components
+from heta_fast.mix import formula, terms
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -363,7 +365,7 @@ def html(result: Attribution | MultiAttribution | Aggregation, include_special: 
     config = source.config
     meta = (f"backend {source.backend}, seed {config.get('seed')}, samples {config.get('samples')}, "
             f"mask {config.get('mask')}, hessian {config.get('hessian', 'exact')}; "
-            f"score = M × ({config.get('beta')} × S + {config.get('gamma')} × I)")
+            f"score = {formula(config.get('beta'), config.get('gamma'), config.get('mix', 'raw'))}")
     css = (_CSS.replace("RAMP", ",".join(f"{_colour(x)} {100 * x:.0f}%" for x, _ in _RAMP))
            + _toggle_css(page)).replace(".heta", f"#{page}")
     div = (f'<div class="heta" id="{page}"><style>{css}</style><h2>{_html.escape(title)}</h2>'
@@ -402,7 +404,8 @@ def figure(result: Attribution | MultiAttribution | Aggregation, k: int = 12, in
     """A matplotlib ``Figure`` ready for ``savefig``.
 
     Attribution/Aggregation: horizontal bars of the ``k`` best tokens (units), each score split
-    into ``M*beta*S`` (Hessian) and ``M*gamma*I`` (KL), which add up to it (an Aggregation with
+    into its Hessian and KL terms (``heta_fast.mix.terms``: ``M*beta*S`` and ``M*gamma*I``, with
+    ``S`` and ``I`` at unit sum under the normalised mix), which add up to it (an Aggregation with
     reducer ``max`` draws the score alone). MultiAttribution: the targets x context heat map,
     each row over its largest score.
     """
@@ -416,7 +419,8 @@ def figure(result: Attribution | MultiAttribution | Aggregation, k: int = 12, in
     order = sorted(shown, key=lambda i: (-float(result.scores[i]), i))[:k]
     labels = _labels(result)
     beta, gamma = source.config.get("beta", 0.5), source.config.get("gamma", 0.5)
-    hessian, kl = source.M * beta * source.S, source.M * gamma * source.I
+    mix = source.config.get("mix", "raw")  # results saved before the option existed were raw
+    hessian, kl = terms(Components(source.M, source.S, source.I), beta, gamma, mix)
     if hasattr(result, "unit"):
         if result.reducer == "max":
             hessian = kl = None
@@ -431,8 +435,9 @@ def figure(result: Attribution | MultiAttribution | Aggregation, k: int = 12, in
         ax.barh(y, [float(result.scores[i]) for i in order], color="#d7301f", label="score")
     else:
         h = [float(hessian[i]) for i in order]
-        ax.barh(y, h, color="#fc8d59", label=f"M·β·S (Hessian), β = {beta:g}")
-        ax.barh(y, [float(kl[i]) for i in order], left=h, color="#7f0000", label=f"M·γ·I (KL), γ = {gamma:g}")
+        S, I = ("S/ΣS", "I/ΣI") if mix == "normalised" else ("S", "I")
+        ax.barh(y, h, color="#fc8d59", label=f"M·β·{S} (Hessian), β = {beta:g}")
+        ax.barh(y, [float(kl[i]) for i in order], left=h, color="#7f0000", label=f"M·γ·{I} (KL), γ = {gamma:g}")
     ax.set_yticks(y, [f"{_plain(labels[i])} {i}" for i in order])
     unit = "token (position)" if not hasattr(result, "unit") else f"{result.unit[:-1]} (index)"
     ax.set_ylabel(unit)

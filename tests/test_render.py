@@ -228,6 +228,25 @@ def test_bar_figure_splits_each_score_into_its_two_terms(fresh_seed, tmp_path):
     assert (tmp_path / "bars.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_normalised_mix_bars_and_formula(fresh_seed):
+    """Under ``mix="normalised"`` the bars are ``M beta S/sum S`` and ``M gamma I/sum I`` (they add up to
+    the score) and the page writes that formula."""
+    pytest.importorskip("matplotlib")
+    a = _attribution(fresh_seed)
+    a.config["mix"] = "normalised"
+    a.scores = a.M * (0.5 * a.S / a.S.sum() + 0.25 * a.I / a.I.sum())
+    hessian, kl = a.plot(k=3).axes[0].containers
+    order = sorted(range(1, len(TOKENS)), key=lambda i: (-float(a.scores[i]), i))[:3]
+    assert [bar.get_width() for bar in hessian] == pytest.approx([float(a.M[i] * 0.5 * a.S[i] / a.S.sum())
+                                                                   for i in order], rel=1e-6)
+    assert [h.get_width() + k.get_width() for h, k in zip(hessian, kl, strict=True)] == \
+        pytest.approx([float(a.scores[i]) for i in order], rel=1e-6)
+    assert hessian.get_label() == "M·β·S/ΣS (Hessian), β = 0.5"
+    assert "score = M × (0.5 × S/ΣS + 0.25 × I/ΣI)" in a.to_html()
+    a.config["mix"] = "raw"
+    assert "score = M × (0.5 × S + 0.25 × I)" in a.to_html()
+
+
 def test_heat_map_figure_is_the_row_normalised_matrix(fresh_seed):
     pytest.importorskip("matplotlib")
     m = _multi(fresh_seed)
