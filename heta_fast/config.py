@@ -23,7 +23,7 @@ MIXES = ("raw", "normalised")  # heta_fast.mix
 # HETA's seed spread is in EVALUATION.md.
 PRESETS: dict[str, dict] = {
     "paper": {"sink": "none", "mix": "raw", "hessian": "exact"},  # docs/method.md, bit for bit
-    "exact": {"hessian": "exact"},  # the library's defaults with the exact Hessian
+    "exact": {"hessian": "exact"},  # the library's defaults (sink "bos", normalised mix), exact Hessian
     "fast": {"hessian": "gauss_newton", "hessian_topk": 8},
 }
 
@@ -65,11 +65,12 @@ class HETAConfig:
         ``hessian_topk`` most probable tokens plus the target) or ``layer_subset`` (curvature
         with respect to the residual stream entering the last ``hessian_layers`` layers).
         See docs/estimators.md for formulas and costs.
-    sink: ``none`` (the spec) or ``bos``: a sink token (BOS, or a designated one) is put before
-        the context when the input does not start with it, and left out of the scores
-        (``heta_fast.sink``). mix: ``raw`` (the spec's ``beta S + gamma I``) or ``normalised``
-        (``S`` and ``I`` each scaled to sum 1 over the context first; ``heta_fast.mix``).
-        ``HETAConfig.paper()`` is the spec's exact behaviour.
+    sink: ``bos`` (the default) or ``none`` (the spec): a sink token (BOS, or a designated one)
+        is put before the context when the input does not start with it, and left out of the
+        scores (``heta_fast.sink``). mix: ``normalised`` (the default: ``S`` and ``I`` each scaled
+        to sum 1 over the context first; ``heta_fast.mix``) or ``raw`` (the spec's
+        ``beta S + gamma I``). Why these defaults: EVALUATION.md (issue 11) measured both against
+        the spec's. ``HETAConfig.paper()`` is the spec's exact behaviour (docs/method.md §10).
     """
 
     beta: float = _option(0.5, "weight of S, >= 0")
@@ -98,9 +99,9 @@ class HETAConfig:
                                 metavar="K")
     hessian_layers: int = _option(4, "layer_subset: curvature of the residual stream entering the last K layers",
                                   metavar="K")
-    sink: str = _option("none", "a sink token before the context, left out of the scores: none (the spec) or bos "
+    sink: str = _option("bos", "a sink token before the context, left out of the scores: none (the spec) or bos "
                         "(heta_fast.sink)", choices=SINKS)
-    mix: str = _option("raw", "how S and I are mixed: raw (the spec's beta S + gamma I) or normalised (each "
+    mix: str = _option("normalised", "how S and I are mixed: raw (the spec's beta S + gamma I) or normalised (each "
                        "scaled to sum 1 over the context first)", choices=MIXES)
 
     def __post_init__(self) -> None:
