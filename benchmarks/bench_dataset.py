@@ -4,8 +4,9 @@
     python -m benchmarks.bench_dataset --prompts 200 --estimators gauss_newton low_rank --engines local ray
     python -m benchmarks.bench_dataset --prompts 4 --estimators exact --engines local --out /tmp/d.json
 
-Prompts: ``--prompts`` windows of the curated QA text (``--data``; a built-in text when it is
-missing), each ``32 .. 128`` tokens long (``--min-tokens``/``--max-tokens``, lengths drawn with a
+Prompts: ``--prompts`` windows of the shipped prompts (``benchmarks/data/prompts.txt``; the
+paper's curated QA text with ``--curated PATH``), each ``32 .. 128`` tokens long
+(``--min-tokens``/``--max-tokens``, lengths drawn with a
 fixed seed, so every run and estimator gets the same prompts); the target is each prompt's last
 token. Every (estimator, engine) pair runs as its own job in a fresh subprocess (so each peak
 is its own) under ``--memory-budget``:
@@ -35,7 +36,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.bench_smollm import DATA, commit, machine, prompt_text
+from benchmarks.common import add_curated_argument, check_curated, commit, machine, prompt_text
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "dataset.json"
@@ -136,12 +137,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--memory-budget", type=int, default=1 << 30)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per job before it is stopped")
-    parser.add_argument("--data", type=Path, default=DATA)
+    add_curated_argument(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    check_curated(parser, args)
     if args.child:
         print(json.dumps(child(args)))
         return {}
@@ -149,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from heta_fast import HETA
 
     tokenizer = HETA.from_pretrained().tokenizer
-    text, source = prompt_text(args.data)
+    text, source = prompt_text(args.curated)
     work = tempfile.mkdtemp(prefix="bench-dataset-")
     results = {"machine": machine(), "commit": commit(), "data": source, "memory_budget": args.memory_budget,
                "model_rss_bytes": model_rss(), "runs": []}

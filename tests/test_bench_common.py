@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -68,3 +69,14 @@ def test_curated_examples_asked_for_without_the_set_are_refused_on_the_command_l
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().endswith("error: --examples 3 needs the curated set: pass --curated PATH "
                                                     "(curated_qa_100.json, not shipped) or leave --examples out")
+
+
+# bench_kernels_gpu reads its arguments on import (it must set TRITON_INTERPRET before triton loads)
+SCRIPTS = {"bench_kernels_gpu"}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "benchmarks").glob("bench_*.py")
+                                        if p.stem not in SCRIPTS))
+def test_every_benchmark_module_imports(name):
+    """A benchmark that no longer imports (a name moved in a refactor) fails here, not on the day it is run."""
+    importlib.import_module(f"benchmarks.{name}")
