@@ -36,10 +36,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.common import add_curated_argument, check_curated, commit, machine, prompt_text
+from benchmarks.common import REPO, RESULTS, add_curated_argument, check_curated, commit, machine, prompt_text
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "dataset.json"
+DEFAULT_OUT = RESULTS / "dataset.json"
 ESTIMATORS = ("exact", "low_rank", "gauss_newton")
 ENGINES = ("local", "ray")
 

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
+    RESULTS,
     add_curated_argument,
     check_curated,
     commit,
@@ -58,8 +59,7 @@ from benchmarks.common import (
 )
 from heta_fast import HETA, HETAConfig
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "methods.json"
+DEFAULT_OUT = RESULTS / "methods.json"
 OCCLUSION = "captum FeatureAblation"
 EXACT = "heta exact"
 PRESETS = {EXACT: {"hessian": "exact"}, "heta low_rank:32": {"hessian": "low_rank", "hessian_rank": 32},

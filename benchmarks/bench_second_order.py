@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
+    RESULTS,
     add_curated_argument,
     check_curated,
     commit,
@@ -44,8 +45,7 @@ from heta_fast.config import HETAConfig
 from heta_fast.memory import default_budget
 from heta_fast.sensitivity import exact as hessian
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "second_order.json"
+DEFAULT_OUT = RESULTS / "second_order.json"
 
 
 class _Stop(Exception):

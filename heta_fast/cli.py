@@ -142,7 +142,8 @@ def add_attribute_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "attribute", help="explain one token of a text by the tokens before it",
         description="Explain the target token (by default the last token of TEXT) by HETA scores over the "
-                    "tokens before it: score = M * (beta * S + gamma * I), where M is the semantic transition "
+                    "tokens before it: score = M * (beta * S/sum S + gamma * I/sum I) (with --mix raw, the "
+                    "paper's M * (beta * S + gamma * I)), where M is the semantic transition "
                     "(attention rollout weighted by value norms), S the Hessian sensitivity and I the KL "
                     "information impact of masking the token. Prints a table, highest score first.")
     parser.add_argument("text", metavar="TEXT", type=_text_argument,
