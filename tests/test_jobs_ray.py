@@ -14,6 +14,7 @@ from test_jobs import CONFIG, by_id, make_tiny_model, random_rows, stable, write
 
 from heta_fast import attribute_dataset
 from heta_fast.jobs.local import CRASH_ONCE_ENV
+from heta_fast.jobs.ray_engine import one_batch_per_block
 
 ray = pytest.importorskip("ray")
 
@@ -72,3 +73,11 @@ def test_actor_killed_mid_job_is_restarted_and_nothing_is_lost(tmp_path, tiny_mo
     assert sorted(got) == sorted(r["id"] for r in rows)
     attribute_dataset(source, tmp_path / "local.jsonl", model=tiny_model, config=CONFIG, quiet=True)
     assert {k: stable(v) for k, v in got.items()} == {k: stable(v) for k, v in by_id(tmp_path / "local.jsonl").items()}
+
+
+def test_each_batch_is_its_own_block(ray_instance):
+    """The driver gets rows a block at a time; with one batch per block no finished batch waits
+    for another (a 50-row read block held 50 finished rows back in the 200-prompt run)."""
+    ds = ray.data.from_items([{"id": str(i)} for i in range(11)], override_num_blocks=2)
+    blocks = [len(b["id"]) for b in one_batch_per_block(ds, 3).iter_batches(batch_size=None)]
+    assert blocks == [3, 3, 3, 2]

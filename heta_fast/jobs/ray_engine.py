@@ -96,6 +96,20 @@ def read_dataset(ray, source: Any, columns: io.Columns):
     return rd.read_parquet(path)
 
 
+def one_batch_per_block(ds, batch_size: int):
+    """``ds`` cut into blocks of ``batch_size`` rows (the last may be shorter), materialised.
+
+    Ray Data hands a map task's output to the driver one block at a time, and a task's output is
+    one block however many batches it ran: a 200-row JSONL read as blocks of 50 rows reached the
+    writer 50 rows at a time, and a job stopped at its time limit lost a block's worth of finished
+    rows (BENCHMARKS.md, "200 prompts, Gauss-Newton on Ray"). With one batch per block every
+    batch is written as soon as its actor returns it.
+    Materialised before the actors start: the actors may hold every CPU of the instance (2 actors
+    on num_cpus=2), and read tasks queued behind them would never run.
+    """
+    return ds.repartition(target_num_rows_per_block=batch_size, strict=True).materialize()
+
+
 def _csv_header(path: str) -> list[str]:
     with open(path, encoding="utf-8", newline="") as f:
         return next(csv.reader(f), [])
@@ -114,9 +128,7 @@ def run_ray(source: Any, writer: io.RecordWriter, *, model: str | None, model_fa
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # our own bar counts rows written
-        # Materialised before the actors start: the actors may hold every CPU of the instance
-        # (2 actors on num_cpus=2), and read tasks queued behind them would never run.
-        ds = read_dataset(ray, source, columns).materialize()
+        ds = one_batch_per_block(read_dataset(ray, source, columns), batch_size)
         ids = io.check_ids(ds.select_columns([columns.id]).take_all(), columns)
         done = frozenset(writer.done)
         report.skipped = sum(key in done for key in ids)
