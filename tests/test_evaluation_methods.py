@@ -116,3 +116,20 @@ def test_heta_sensitivity_sees_the_noise_not_the_cached_clean_run(fresh_seed):
 def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="unknown method 'ig'; expected one of heta_exact, "):
         methods.resolve(["saliency", "ig"])
+
+
+def test_ig_node_derivatives_sum_to_captums_attributions(fresh_seed):
+    """The convergence benchmark's per-node ``w dg/dalpha`` are the quadrature Captum sums: their
+    total equals the sum of IG's attributions at the same step count; a kept first row scores 0."""
+    from benchmarks.bench_ig_convergence import node_derivatives
+
+    model, heta, ids, y = _setup(fresh_seed)
+    baseline = methods.mean_embedding_baseline(heta, ids, keep=1)
+    assert torch.equal(baseline[0, 0], _E(model, ids)[0])
+    assert torch.equal(baseline[0, 1], model.get_input_embeddings().weight.detach().mean(dim=0))
+    scores, delta, change = methods.integrated_gradients_with_delta(heta, ids, y, baseline, steps=16)
+    nodes = node_derivatives(heta, ids, y, baseline, steps=16)
+    assert float(scores[0]) == 0.0
+    assert nodes["sum_of_contributions"] == pytest.approx(float(scores.sum()), rel=1e-4, abs=1e-5)
+    assert delta == pytest.approx(abs(float(scores.sum()) - change), rel=1e-3, abs=1e-5)
+    assert abs(nodes["largest_contribution"]) <= abs(nodes["largest_derivative"])

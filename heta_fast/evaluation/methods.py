@@ -13,7 +13,10 @@ as a function of the input embeddings ``E`` ``[n, d]``:
   in ``LAST_IG_DELTA``. Why not the zero embedding: on SmolLM2 ``g`` along ``alpha E`` jumps
   near 0 (``g`` = -10.8, -9.4, -15.7, -12.3 at alpha = 0, 1e-4, 1e-3, 1e-2: the first RMSNorm
   rescales any nonzero row), and 32 steps left a completeness error of 297 against a change of
-  2.8; from the mean embedding the error at 32 steps was 10.6 against 4.1.
+  2.8; from the mean embedding the error at 32 steps was 10.6 against 4.1. It is still not
+  small, and more steps do not make it so: along the path ``g`` has dips a few nats deep and
+  ~0.002 wide in ``alpha`` that a Gauss-Legendre node either misses or lands on
+  (``benchmarks/bench_ig_convergence.py``; EVALUATION.md gives the figures).
 - ``saliency``: Captum ``Saliency``; per token the L2 norm of ``dg/dE_i``.
 - ``input_x_gradient``: Captum ``InputXGradient``; per token the signed sum of ``E_i * dg/dE_i``.
 - ``occlusion``: Captum ``FeatureAblation`` with one feature per token and the zero embedding
@@ -107,18 +110,33 @@ def heta_method(config: HETAConfig, part: str = "scores") -> Method:
 # --- baselines -------------------------------------------------------------------------------
 
 
-def integrated_gradients(heta, ids: Sequence[int], target: int) -> torch.Tensor:
+def mean_embedding_baseline(heta, ids: Sequence[int], keep: int = 0) -> torch.Tensor:
+    """IG's baseline ``B`` ``[1, n, d]``: the vocabulary's mean embedding in every row but the
+    first ``keep`` rows, which keep their own embedding (and so get no attribution)."""
+    E = _embeddings(heta, ids)
+    B = heta.lm.embedding.weight.detach().mean(dim=0).expand_as(E).clone()
+    B[0, :keep] = E[0, :keep]
+    return B
+
+
+def integrated_gradients_with_delta(heta, ids: Sequence[int], target: int, baseline: torch.Tensor,
+                                    steps: int = IG_STEPS) -> tuple[torch.Tensor, float, float]:
+    """Captum IG of ``g`` from ``baseline`` ``[1, n, d]``: ``(a [n], |delta|, g(E) - g(B))``, with
+    ``delta = sum a - (g(E) - g(B))`` (Captum's convergence delta, Gauss-Legendre, ``steps``)."""
     E = _embeddings(heta, ids)
     g = _target_log_prob(heta, target)
-    ig = _captum().IntegratedGradients(g)
-    baseline = heta.lm.embedding.weight.detach().mean(dim=0).expand_as(E).clone()
-    attributions, delta = ig.attribute(E, baselines=baseline, n_steps=IG_STEPS, internal_batch_size=32,
-                                       return_convergence_delta=True)
+    attributions, delta = _captum().IntegratedGradients(g).attribute(
+        E, baselines=baseline, n_steps=steps, internal_batch_size=32, return_convergence_delta=True)
     with torch.no_grad():
         change = float(g(E)[0] - g(baseline)[0])
+    return attributions[0].sum(dim=-1).detach().float(), float(delta.abs().max()), change
+
+
+def integrated_gradients(heta, ids: Sequence[int], target: int) -> torch.Tensor:
+    scores, delta, change = integrated_gradients_with_delta(heta, ids, target, mean_embedding_baseline(heta, ids))
     LAST_IG_DELTA.clear()
-    LAST_IG_DELTA.update(delta=float(delta.abs().max()), change=change)
-    return attributions[0].sum(dim=-1).detach().float()
+    LAST_IG_DELTA.update(delta=delta, change=change)
+    return scores
 
 
 def saliency(heta, ids: Sequence[int], target: int) -> torch.Tensor:
