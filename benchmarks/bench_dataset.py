@@ -17,8 +17,10 @@ is its own) under ``--memory-budget``:
 Per run it reports the rows done, the job's wall time (model loads and Ray start-up included),
 rows per hour from that wall time, rows per hour of the attribution alone (rows / the sum of the
 records' ``seconds``, per worker), the load average before and after, and the peak resident
-memory: of the process (``ru_maxrss``) for ``local``, of the largest actor (sampled every 0.2 s)
-for ``ray``, against the model's resident size plus ``--memory-budget``.
+memory: of the process (``ru_maxrss``) for ``local``, of the largest actor (sampled every 0.2 s
+by this process) for ``ray``, against the resident size of a process (or a Ray actor) that has
+only loaded the model, plus ``--memory-budget``. A job stopped by ``--timeout`` still reports
+the rows it wrote and the peaks sampled until then.
 """
 
 from __future__ import annotations
@@ -56,29 +58,40 @@ def make_prompts(tokenizer, text: str, count: int, lo: int, hi: int, seed: int =
 
 
 class PeakSampler(threading.Thread):
-    """The largest resident set of any Ray actor process (``MapWorker`` in its title), sampled."""
+    """The largest resident set, sampled every ``interval`` s, of the process ``pid`` itself
+    (``peak_process``) and of any Ray actor below it (``MapWorker`` in its title: ``peak_actor``).
 
-    def __init__(self, interval: float = 0.2):
+    Run from the parent, so a job stopped by its time limit still has its peaks."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
         super().__init__(daemon=True)
-        self.interval, self.peak, self._halt = interval, 0, threading.Event()
+        self.pid, self.interval, self._halt = pid, interval, threading.Event()
+        self.peak_process = self.peak_actor = 0
 
     def run(self) -> None:
         import psutil
 
-        me = psutil.Process()
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
         while not self._halt.is_set():
-            for proc in me.children(recursive=True):
+            try:
+                self.peak_process = max(self.peak_process, root.memory_info().rss)
+                children = root.children(recursive=True)
+            except psutil.Error:
+                return
+            for proc in children:
                 try:
                     if "MapWorker" in " ".join(proc.cmdline()):
-                        self.peak = max(self.peak, proc.memory_info().rss)
+                        self.peak_actor = max(self.peak_actor, proc.memory_info().rss)
                 except psutil.Error:
                     continue
             time.sleep(self.interval)
 
-    def stop(self) -> int:
+    def stop(self) -> None:
         self._halt.set()
         self.join()
-        return self.peak
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -86,7 +99,6 @@ def child(args: argparse.Namespace) -> dict:
     import torch
 
     from heta_fast import HETAConfig, attribute_dataset
-    from heta_fast.jobs.io import read_records
 
     estimator, engine = args.child
     torch.set_num_threads(args.threads)
@@ -95,24 +107,25 @@ def child(args: argparse.Namespace) -> dict:
     if out.exists():
         out.unlink()
     load_before = os.getloadavg()
-    sampler = PeakSampler() if engine == "ray" else None
-    if sampler:
-        sampler.start()
     report = attribute_dataset(args.input, out, config=config, engine=engine, quiet=True, actors=args.actors,
                                threads=1, batch_size=args.batch_size)
-    actor_peak = sampler.stop() if sampler else None
-    records = [r for r in read_records(str(out)) if "error" not in r]
+    return {"rows": report.done, "failed": report.failed, "wall_s": report.seconds,
+            "rows_per_hour_wall": 3600 * report.done / report.seconds,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if engine == "local" else None,
+            "load_before": load_before, "load_after": os.getloadavg()}
+
+
+def row_figures(path: Path, workers: int) -> dict:
+    """From a job's output file (whole or cut short): rows, rows per hour of the attribution alone
+    (``workers`` x 3600 / mean record seconds), the median row time and the rows' token counts."""
+    from heta_fast.jobs.io import read_records
+
+    records = [r for r in read_records(str(path)) if "error" not in r] if path.exists() else []
     compute = sum(r["seconds"] for r in records)
-    workers = args.actors if engine == "ray" else 1
-    return {
-        "estimator": estimator, "engine": engine, "rows": report.done, "failed": report.failed,
-        "wall_s": report.seconds, "rows_per_hour_wall": 3600 * report.done / report.seconds,
-        "rows_per_hour_compute": 3600 * len(records) * workers / compute if compute else None,
-        "median_row_s": sorted(r["seconds"] for r in records)[len(records) // 2] if records else None,
-        "tokens": [len(r["context_ids"]) for r in records],
-        "peak_rss_bytes": actor_peak if engine == "ray" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "memory_budget": args.memory_budget, "load_before": load_before, "load_after": os.getloadavg(),
-    }
+    return {"rows_written": len(records),
+            "rows_per_hour_compute": 3600 * len(records) * workers / compute if compute else None,
+            "median_row_s": sorted(r["seconds"] for r in records)[len(records) // 2] if records else None,
+            "tokens": [len(r["context_ids"]) for r in records]}
 
 
 def model_rss() -> int:
@@ -121,6 +134,34 @@ def model_rss() -> int:
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               cwd=REPO).stdout.split()[-1])
+
+
+ACTOR_RSS = """
+import resource, ray
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+
+@ray.remote(num_cpus=1)
+class Loaded:
+    def __init__(self):
+        import torch
+        torch.set_num_threads(1)
+        from heta_fast.jobs.local import build_heta
+        self.heta = build_heta(None, None, None)
+
+    def peak(self):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+print(ray.get(Loaded.remote().peak.remote()))
+ray.shutdown()
+"""
+
+
+def actor_model_rss() -> int:
+    """Resident bytes of a Ray actor that has only loaded the model: the baseline of an actor's
+    peak (a Ray worker also holds Ray, pyarrow and pandas)."""
+    done = subprocess.run([sys.executable, "-c", ACTOR_RSS], capture_output=True, text=True, check=True, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return int(done.stdout.split()[-1])
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -138,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per job before it is stopped")
     add_curated_argument(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--baselines-only", action="store_true",
+                        help="only the resident size of a process and of a Ray actor that have loaded the model")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -154,6 +197,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     work = tempfile.mkdtemp(prefix="bench-dataset-")
     results = {"machine": machine(), "commit": commit(), "data": source, "memory_budget": args.memory_budget,
                "model_rss_bytes": model_rss(), "runs": []}
+    if "ray" in args.engines:
+        results["actor_model_rss_bytes"] = actor_model_rss()
+    if args.baselines_only:
+        print(json.dumps({k: results[k] for k in ("model_rss_bytes", "actor_model_rss_bytes") if k in results}))
+        return results
     for estimator in args.estimators:
         count = args.exact_prompts if estimator == "exact" and args.exact_prompts else args.prompts
         rows = make_prompts(tokenizer, text, count, args.min_tokens, args.max_tokens)
@@ -165,29 +213,47 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    "--batch-size", str(args.batch_size), "--memory-budget", str(args.memory_budget)]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             start = time.time()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+            sampler = PeakSampler(proc.pid)
+            sampler.start()
             try:
-                done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=args.timeout)
-                run = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else \
-                    {"estimator": estimator, "engine": engine, "error": done.stderr[-2000:]}
+                stdout, stderr = proc.communicate(timeout=args.timeout)
+                run = json.loads(stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": stderr[-2000:]}
             except subprocess.TimeoutExpired:
-                run = {"estimator": estimator, "engine": engine, "error": f"stopped after {args.timeout} s"}
+                proc.kill()
+                proc.communicate()
+                run = {"error": f"stopped after {args.timeout} s", "wall_s": time.time() - start}
+            finally:
+                sampler.stop()
+            workers = args.actors if engine == "ray" else 1
+            run.update(estimator=estimator, engine=engine, **row_figures(Path(work) / f"{estimator}-{engine}.jsonl",
+                                                                        workers))
+            if engine == "ray":
+                run["peak_rss_bytes"] = sampler.peak_actor
+            elif run.get("peak_rss_bytes") is None:
+                run["peak_rss_bytes"] = sampler.peak_process
+            run["memory_budget"] = args.memory_budget
             run["prompts"] = count
             run["started"] = time.strftime("%H:%M:%S", time.gmtime(start))
             results["runs"].append(run)
-            print(format_run(run, results["model_rss_bytes"]), flush=True)
+            baseline = results["actor_model_rss_bytes"] if engine == "ray" else results["model_rss_bytes"]
+            print(format_run(run, baseline), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1))
     return results
 
 
 def format_run(run: dict, model_rss_bytes: int) -> str:
-    if "error" in run:
-        return f"{run['estimator']:>12} {run['engine']:>5}: failed: {run['error'][-300:]}"
+    """One line per job; ``model_rss_bytes``: the resident size of a process (or actor) with the model only."""
     gib = 2 ** 30
-    return (f"{run['estimator']:>12} {run['engine']:>5}: {run['rows']}/{run['prompts']} rows in {run['wall_s']:.0f} s, "
-            f"{run['rows_per_hour_wall']:.0f} rows/h (wall), {run['rows_per_hour_compute']:.0f} rows/h (compute), "
-            f"median row {run['median_row_s']:.2f} s, peak RSS {run['peak_rss_bytes'] / gib:.2f} GiB "
-            f"(model {model_rss_bytes / gib:.2f} + budget {run['memory_budget'] / gib:.2f}), "
+    head = f"{run['estimator']:>12} {run['engine']:>5}: "
+    peak = (f"peak RSS {run['peak_rss_bytes'] / gib:.2f} GiB (model loaded {model_rss_bytes / gib:.2f} + budget "
+            f"{run['memory_budget'] / gib:.2f})" if run.get("peak_rss_bytes") else "peak RSS not read")
+    rows = (f"{run['rows_written']}/{run['prompts']} rows written, median row {run['median_row_s']:.2f} s, "
+            f"{run['rows_per_hour_compute']:.0f} rows/h (compute)" if run.get("rows_written") else "no rows written")
+    if "error" in run:
+        return head + f"failed or stopped: {run['error'][-300:]}; {rows}; {peak}"
+    return (head + f"{rows}, {run['rows_per_hour_wall']:.0f} rows/h (wall, {run['wall_s']:.0f} s), {peak}, "
             f"load {run['load_before'][0]:.1f} -> {run['load_after'][0]:.1f}")
 
 

@@ -80,3 +80,23 @@ SCRIPTS = {"bench_kernels_gpu"}
 def test_every_benchmark_module_imports(name):
     """A benchmark that no longer imports (a name moved in a refactor) fails here, not on the day it is run."""
     importlib.import_module(f"benchmarks.{name}")
+
+
+def test_dataset_figures_come_from_the_rows_written(tmp_path: Path):
+    """A job stopped by its time limit still reports what its output holds: rows, median row time,
+    rows per hour per worker from the rows' own seconds; error records do not count."""
+    from benchmarks.bench_dataset import format_run, row_figures
+
+    path = tmp_path / "out.jsonl"
+    rows = [{"id": "a", "seconds": 10.0, "context_ids": [1, 2, 3]}, {"id": "b", "error": "bad row"},
+            {"id": "c", "seconds": 30.0, "context_ids": [4, 5]}, {"id": "d", "seconds": 20.0, "context_ids": [6]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures = row_figures(path, workers=2)
+    assert figures == {"rows_written": 3, "rows_per_hour_compute": 3600 * 3 * 2 / 60.0, "median_row_s": 20.0,
+                       "tokens": [3, 2, 1]}
+    assert row_figures(tmp_path / "missing.jsonl", workers=1)["rows_written"] == 0
+    run = {"estimator": "gauss_newton", "engine": "ray", "error": "stopped after 10 s", "prompts": 200,
+           "peak_rss_bytes": 3 << 29, "memory_budget": 1 << 30, **figures}
+    line = format_run(run, model_rss_bytes=1 << 30)
+    assert "stopped after 10 s" in line and "3/200 rows written, median row 20.00 s, 360 rows/h" in line
+    assert "peak RSS 1.50 GiB (model loaded 1.00 + budget 1.00)" in line
