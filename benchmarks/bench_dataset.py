@@ -128,12 +128,17 @@ def row_figures(path: Path, workers: int) -> dict:
             "tokens": [len(r["context_ids"]) for r in records]}
 
 
+def _printed_bytes(code: str, env: dict | None = None) -> int:
+    """Run ``code`` in a fresh interpreter and return the integer it prints last (a byte count)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
+                          env=env)
+    return int(done.stdout.split()[-1])
+
+
 def model_rss() -> int:
     """Resident bytes of a process that has only loaded the model (the baseline of the peaks)."""
-    code = ("import resource; from heta_fast import HETA; HETA.from_pretrained(); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
-    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                              cwd=REPO).stdout.split()[-1])
+    return _printed_bytes("import resource; from heta_fast import HETA; HETA.from_pretrained(); "
+                          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
 
 
 ACTOR_RSS = """
@@ -159,9 +164,7 @@ ray.shutdown()
 def actor_model_rss() -> int:
     """Resident bytes of a Ray actor that has only loaded the model: the baseline of an actor's
     peak (a Ray worker also holds Ray, pyarrow and pandas)."""
-    done = subprocess.run([sys.executable, "-c", ACTOR_RSS], capture_output=True, text=True, check=True, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return int(done.stdout.split()[-1])
+    return _printed_bytes(ACTOR_RSS, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
