@@ -49,10 +49,12 @@ attending to all ``n`` keys) on the cached prefix.
     hessian        sum_i [ build(r_i rows, n keys, head(1)) + m HVP(r_i rows, n keys, head(1)) ]
     kl             sum_i [ body(r_i, n) + head(1) ]
 
-``sum_i r_i = n (n + 1) / 2``. This is the work the method needs: batching positions
-``[a, b)`` makes every variant run rows ``a .. p``, so a batch also recomputes rows ``a .. i - 1``
-of variant ``i`` (the rest of a rectangle); that batching waste is **excluded** here, so a
-measured rate computed from these counts is a rate of useful work. ``N_s`` is the number of
+``sum_i r_i = n (n + 1) / 2``. This is the work of one position per batch. Batching positions
+``[a, b)`` makes every variant (KL) or probe (Hessian) of the batch run rows ``a .. p``, so a
+batch also recomputes rows ``a .. i - 1`` for position ``i`` (the rest of a rectangle); that
+waste is **excluded** here, so a measured rate computed from these counts is a rate of useful
+work. The Hessian's batches also share one graph build among their positions, which saves
+work the count includes (at ``m = 10`` a build is ~1/11 of a position's work). ``N_s`` is the number of
 layers the semantic flow uses (``flow_layers``; all by default).
 """
 

@@ -13,6 +13,7 @@ from helpers import SPEC, random_ids, rel_err
 
 from heta_fast import HETA
 from heta_fast.config import HESSIANS, HETAConfig
+from heta_fast.memory import sequence_bytes
 from heta_fast.model import CausalLM
 from heta_fast.rng import rademacher
 from heta_fast.sensitivity import ESTIMATORS, estimate_sensitivity
@@ -156,6 +157,30 @@ def test_layer_subset_of_all_layers_equals_exact(model, fresh_seed):
                           hessian_layers=num_layers(model) + 5)  # clamped to N
     assert rel_err(every.S, exact.S) < 1e-4
     assert torch.equal(every.S, more.S)
+
+
+@pytest.mark.parametrize("batching", ["one position, probes in two groups", "many positions"])
+def test_exact_path_gives_the_explicit_hessian_blocks_under_any_batching(model, fresh_seed, batching):
+    """The fast exact path builds one graph per batch of positions; every batching gives ``H_ii r_{i,k}``."""
+    _, ids, E, y = setup(model, fresh_seed, 11)
+    t, d, m = E.shape[0] - 1, E.shape[1], 3
+    lm = CausalLM(model)
+    config = HETAConfig.paper(samples=m, seed=fresh_seed)
+    batches: list[int] = []
+    with lm.prepared():
+        with torch.no_grad():
+            key_values = lm.key_values(lm.hidden(E[None, :t], use_cache=True))
+        # the graph (2 copies) and 2 probes (2 each) of the first position fit; 3 probes do not
+        budget = sequence_bytes(lm, t, t, 6) if batching.startswith("one") else 1 << 40
+        S = hessian_sensitivity(lm, E, y, key_values, config, budget,
+                                progress=lambda _stage, done, _total: batches.append(done))
+    H = input_hessian(model, E, y)
+    want = block_sensitivity(lambda i: H[i, :, i, :], t, d, m, fresh_seed)
+    assert rel_err(S, want) < 1e-4
+    if batching.startswith("one"):
+        assert batches[0] == 1
+    else:
+        assert batches == [2, 4, 6, 8, 10]  # at most ceil(t / 8) positions a batch
 
 
 def residual_hessian(model, E: torch.Tensor, y: int, start: int) -> torch.Tensor:

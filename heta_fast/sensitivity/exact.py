@@ -31,10 +31,13 @@ def hessian_sensitivity(lm, E: torch.Tensor, y: int, key_values, config, budget:
     """``S``: ``[n]``. E: ``[t + 1, d]``; y: target id; key_values: the prefix cache of rows ``0 .. p``.
 
     Only the diagonal block ``H_ii`` meets a probe placed in block ``i``, and ``g`` depends on
-    row ``i`` only through rows ``i .. p``. So position ``i`` runs rows ``i .. p`` on the cached
-    prefix with row ``i`` as the only leaf; a batch of positions ``[a, b)`` shares rows
-    ``a .. p`` (variant ``j`` carries its leaf at row ``j``); variants are independent, so one
-    gradient of ``sum_j g_j`` and one batched backward per probe set give every ``H_ii r_{i,k}``.
+    row ``i`` only through rows ``i .. p``. So a batch of positions ``[a, b)`` runs rows
+    ``a .. p`` once on the cached prefix, every row a leaf, and takes one gradient ``grad g``
+    with ``create_graph``; one backward of it, batched over the ``c m`` probes of the batch
+    (probe ``(i, k)`` is ``r_{i,k}`` at row ``i`` and zero elsewhere), gives ``H r`` per probe,
+    whose row ``i`` is ``H_ii r_{i,k}``. The graph is built once per batch, not once per position:
+    its forward and first backward cost ``2 / (2 + 2m)`` of a position's HVPs, so sharing it
+    saves most of that (m = 2, n = 64 on SmolLM2: 48.4 s -> 35.3 s of CPU, 1.37x).
     """
     t, d = E.shape[0] - 1, E.shape[1]
     m = config.samples
@@ -46,26 +49,29 @@ def hessian_sensitivity(lm, E: torch.Tensor, y: int, key_values, config, budget:
     warn_if_over(budget, sequence_bytes(lm, t, t, 2 + 2 * group), "the HVPs of the first position")
     a = 0
     while a < t:
-        c = batch_size(lm, budget, t - a, t, copies=2 + 2 * group, limit=max(1, -(-t // 8)))
+        rows = t - a
+        # the shared graph costs about 2 sets of the rows' activations, each probe about 2 more
+        spare = budget - sequence_bytes(lm, rows, t, 2)
+        c = batch_size(lm, spare, rows, t, copies=2 * group, limit=max(1, -(-t // 8)))
         b = min(t, a + c)
         c = b - a
-        leaves = E[a:b].detach().clone().requires_grad_(True)  # x_i for i in [a, b)
-        j = torch.arange(c, device=E.device)
-        batch = E[a:-1].expand(c, -1, -1).index_put((j, j), leaves)
-        past = lm.prefix_cache(key_values, a, c)
-        hidden = lm.hidden(batch, past=past).last_hidden_state[:, -1]  # row p of every variant
-        g = torch.log_softmax(lm.unembed(hidden).float(), dim=-1)[:, y].sum()
+        leaves = E[a:-1].detach().clone().requires_grad_(True)  # rows a .. p
+        past = lm.prefix_cache(key_values, a, 1)
+        hidden = lm.hidden(leaves[None], past=past).last_hidden_state[0, -1]  # row p
+        g = torch.log_softmax(lm.unembed(hidden).float(), dim=-1)[y]
         (grad,) = torch.autograd.grad(g, leaves, create_graph=True)
         for k0 in range(0, m, group):
             k1 = min(m, k0 + group)
             positions = torch.arange(a, b, device=E.device).repeat(k1 - k0)  # sample-major: row k * c + j
             samples = torch.arange(k0, k1, device=E.device).repeat_interleave(c)
             probes = rademacher_fn(config.seed, positions, samples, d, dtype=E.dtype, device=E.device)
-            (Hr,) = torch.autograd.grad(grad, leaves, grad_outputs=probes.view(k1 - k0, c, d), is_grads_batched=True,
+            vectors = torch.arange(positions.shape[0], device=E.device)
+            placed = probes.new_zeros(positions.shape[0], rows, d).index_put_((vectors, positions - a), probes)
+            (Hr,) = torch.autograd.grad(grad, leaves, grad_outputs=placed, is_grads_batched=True,
                                         retain_graph=k1 < m)
-            S += block_l1_fn(Hr.reshape(-1, d), positions, t, m)
-            del Hr
-        del grad, g, hidden, batch, past
+            S += block_l1_fn(Hr[vectors, positions - a], positions, t, m)
+            del Hr, placed
+        del grad, g, hidden, past, leaves
         if progress is not None:
             progress("hessian", b, t)
         a = b
