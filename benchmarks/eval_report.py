@@ -1,5 +1,7 @@
 """Merge ``heta-fast eval`` record folders (runs split over processes) into one report per protocol.
 
+An (example, method) pair that two folders both hold counts once, from the first folder given.
+
     python -m benchmarks.eval_report --out evaluation predicted=/tmp/run/predicted,/tmp/run/exact chat=/tmp/run/chat
 
 Writes ``summary_PROTOCOL.{json,md}`` and ``figure_PROTOCOL.png`` to ``--out`` and prints the tables.

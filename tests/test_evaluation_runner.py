@@ -81,6 +81,24 @@ def test_goal_needs_intervals_apart_from_every_baseline():
     assert "met by none. Closest: heta_a (not above saliency)" in runner.markdown(summary, "t")
 
 
+def test_read_records_of_overlapping_runs_keeps_each_pair_once(tmp_path):
+    """Two hand-split runs that both did example b: b counts once, from the first file; a cut line is skipped."""
+    def write(folder, rows, tail=""):
+        (tmp_path / folder).mkdir()
+        path = tmp_path / folder / runner.RECORDS
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+        return path
+
+    a = [{"protocol": "chat", "example": e, "method": "saliency", "dsa": v} for e, v in (("a", 0.1), ("b", 0.2))]
+    b = [{"protocol": "chat", "example": "b", "method": "saliency", "dsa": 0.9},
+         {"protocol": "chat", "example": "b", "method": "random", "dsa": 0.3},
+         {"protocol": "answer", "example": "b", "method": "saliency", "dsa": 0.5}]
+    records = runner.read_records(write("one", a), write("two", b, tail='{"protocol": "chat", "exa'))
+    assert [(r["protocol"], r["example"], r["method"], r["dsa"]) for r in records] == [
+        ("chat", "a", "saliency", 0.1), ("chat", "b", "saliency", 0.2), ("chat", "b", "random", 0.3),
+        ("answer", "b", "saliency", 0.5)]
+
+
 def test_bootstrap_interval():
     mean, lo, hi = runner.bootstrap([2.0] * 5)
     assert (mean, lo, hi) == (2.0, 2.0, 2.0)

@@ -328,5 +328,17 @@ def report(records: Sequence[dict], protocol: str, out: str | Path, *, data: str
 
 
 def read_records(*paths: str | Path) -> list[dict]:
-    """The records of several ``records.jsonl`` files (runs split over processes), in order."""
-    return [r for path in paths for r in _read_records(Path(path))]
+    """The records of several ``records.jsonl`` files (runs split over processes), in order.
+
+    Runs split by hand can overlap; a ``(protocol, example, method)`` seen again is dropped, so
+    every example counts once in a summary (the first file's record is kept).
+    """
+    seen: set[tuple] = set()
+    out = []
+    for path in paths:
+        for record in _read_records(Path(path)):
+            key = (record.get("protocol"), record.get("example"), record.get("method"))
+            if key not in seen:
+                seen.add(key)
+                out.append(record)
+    return out
