@@ -80,4 +80,5 @@ def test_each_batch_is_its_own_block(ray_instance):
     for another (a 50-row read block held 50 finished rows back in the 200-prompt run)."""
     ds = ray.data.from_items([{"id": str(i)} for i in range(11)], override_num_blocks=2)
     blocks = [len(b["id"]) for b in one_batch_per_block(ds, 3).iter_batches(batch_size=None)]
-    assert blocks == [3, 3, 3, 2]
+    # Ray Data does not keep block order (preserve_order is off); the sizes are what matters
+    assert sorted(blocks, reverse=True) == [3, 3, 3, 2]
