@@ -36,8 +36,8 @@ def hessian_sensitivity(lm, E: torch.Tensor, y: int, key_values, config, budget:
     with ``create_graph``; one backward of it, batched over the ``c m`` probes of the batch
     (probe ``(i, k)`` is ``r_{i,k}`` at row ``i`` and zero elsewhere), gives ``H r`` per probe,
     whose row ``i`` is ``H_ii r_{i,k}``. The graph is built once per batch, not once per position:
-    its forward and first backward cost ``2 / (2 + 2m)`` of a position's HVPs, so sharing it
-    saves most of that (m = 2, n = 64 on SmolLM2: 48.4 s -> 35.3 s of CPU, 1.37x).
+    its forward and first backward cost ``2 / (2 + 2m)`` of a position's work, so sharing it
+    saves most of that (BENCHMARKS "Shared graph build": 1.34x at m = 2, n = 64 on SmolLM2).
     """
     t, d = E.shape[0] - 1, E.shape[1]
     m = config.samples
