@@ -65,11 +65,11 @@ def hessian_sensitivity(lm, E: torch.Tensor, y: int, key_values, config, budget:
             positions = torch.arange(a, b, device=E.device).repeat(k1 - k0)  # sample-major: row k * c + j
             samples = torch.arange(k0, k1, device=E.device).repeat_interleave(c)
             probes = rademacher_fn(config.seed, positions, samples, d, dtype=E.dtype, device=E.device)
-            vectors = torch.arange(positions.shape[0], device=E.device)
-            placed = probes.new_zeros(positions.shape[0], rows, d).index_put_((vectors, positions - a), probes)
+            at = (torch.arange(positions.shape[0], device=E.device), positions - a)  # (probe, its row)
+            placed = probes.new_zeros(positions.shape[0], rows, d).index_put_(at, probes)
             (Hr,) = torch.autograd.grad(grad, leaves, grad_outputs=placed, is_grads_batched=True,
                                         retain_graph=k1 < m)
-            S += block_l1_fn(Hr[vectors, positions - a], positions, t, m)
+            S += block_l1_fn(Hr[at], positions, t, m)
             del Hr, placed
         del grad, g, hidden, past, leaves
         if progress is not None:
