@@ -3,6 +3,7 @@
     python -m benchmarks.bench_dataset                                   # 200 prompts, every estimator, both engines
     python -m benchmarks.bench_dataset --prompts 200 --estimators gauss_newton low_rank --engines local ray
     python -m benchmarks.bench_dataset --prompts 4 --estimators exact --engines local --out /tmp/d.json
+    python -m benchmarks.bench_dataset --prompts 200 --sample 16 --estimators exact --work runs/exact  # resumable
 
 Prompts: ``--prompts`` windows of the shipped prompts (``benchmarks/data/prompts.txt``; the
 paper's curated QA text with ``--curated PATH``), each ``32 .. 128`` tokens long
@@ -21,6 +22,15 @@ memory: of the process (``ru_maxrss``) for ``local``, of the largest actor (samp
 by this process) for ``ray``, against the resident size of a process (or a Ray actor) that has
 only loaded the model, plus ``--memory-budget``. A job stopped by ``--timeout`` still reports
 the rows it wrote and the peaks sampled until then.
+
+``--sample K`` runs ``K`` of the ``--prompts`` prompts, taken at evenly spaced ranks of their
+length (a systematic sample: the ``j``-th of ``K`` is the prompt at rank ``(j + 1/2) N / K``), for
+an estimator whose full job does not fit in a sitting. Such a run also reports
+``rows_per_hour_projected``: the rate over all ``N`` prompts, with each prompt's row time read
+off the sample's row times by linear interpolation in the token count. ``--work DIR`` keeps the
+jobs' outputs in ``DIR`` instead of a fresh temporary folder, and a rerun with the same ``DIR``
+resumes them (``attribute_dataset`` skips the rows already written), so a long job can be spread
+over sittings; its wall-time figures are then those of the last sitting only.
 """
 
 from __future__ import annotations
@@ -55,6 +65,30 @@ def make_prompts(tokenizer, text: str, count: int, lo: int, hi: int, seed: int =
         start = rng.randrange(0, len(ids) - n)
         rows.append({"id": f"p{k:04d}", "text": tokenizer.decode(ids[start:start + n]), "tokens": n})
     return rows
+
+
+def length_sample(rows: list[dict], k: int) -> list[dict]:
+    """``k`` of ``rows`` at evenly spaced ranks of ``tokens`` (ties by id): rank ``floor((j + 1/2) N / k)``
+    for ``j < k``, so the sample's lengths follow the whole set's. ``k >= len(rows)`` keeps every row."""
+    if k >= len(rows):
+        return list(rows)
+    ranked = sorted(rows, key=lambda r: (r["tokens"], r["id"]))
+    return [ranked[int((j + 0.5) * len(rows) / k)] for j in range(k)]
+
+
+def projected_rate(sample_tokens: Sequence[int], sample_seconds: Sequence[float], all_tokens: Sequence[int],
+                   workers: int) -> float:
+    """Rows per hour over prompts of ``all_tokens`` tokens, each row's time interpolated linearly in the
+    token count between the sample's ``(tokens, seconds)`` points (held flat beyond the ends; equal
+    lengths averaged): ``workers * 3600 * N / sum of the N times``."""
+    import numpy as np
+
+    lengths = np.asarray(sample_tokens, dtype=float)
+    seconds = np.asarray(sample_seconds, dtype=float)
+    xs = np.unique(lengths)
+    ys = np.array([seconds[lengths == x].mean() for x in xs])
+    total = np.interp(np.asarray(all_tokens, dtype=float), xs, ys).sum()
+    return float(workers * 3600 * len(all_tokens) / total)
 
 
 class PeakSampler(threading.Thread):
@@ -104,7 +138,7 @@ def child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     config = HETAConfig.paper(hessian=estimator, memory_budget=args.memory_budget)
     out = Path(args.work) / f"{estimator}-{engine}.jsonl"
-    if out.exists():
+    if out.exists() and not args.resume:
         out.unlink()
     load_before = os.getloadavg()
     report = attribute_dataset(args.input, out, config=config, engine=engine, quiet=True, actors=args.actors,
@@ -117,7 +151,8 @@ def child(args: argparse.Namespace) -> dict:
 
 def row_figures(path: Path, workers: int) -> dict:
     """From a job's output file (whole or cut short): rows, rows per hour of the attribution alone
-    (``workers`` x 3600 / mean record seconds), the median row time and the rows' token counts."""
+    (``workers`` x 3600 / mean record seconds), the median row time, and per row its context length,
+    seconds and id."""
     from heta_fast.jobs.io import read_records
 
     records = [r for r in read_records(str(path)) if "error" not in r] if path.exists() else []
@@ -125,7 +160,8 @@ def row_figures(path: Path, workers: int) -> dict:
     return {"rows_written": len(records),
             "rows_per_hour_compute": 3600 * len(records) * workers / compute if compute else None,
             "median_row_s": sorted(r["seconds"] for r in records)[len(records) // 2] if records else None,
-            "tokens": [len(r["context_ids"]) for r in records]}
+            "tokens": [len(r["context_ids"]) for r in records],
+            "row_seconds": [r["seconds"] for r in records], "ids": [r["id"] for r in records]}
 
 
 def _printed_bytes(code: str, env: dict | None = None) -> int:
@@ -171,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--exact-prompts", type=int, default=None, help="prompts for exact (default: --prompts)")
+    parser.add_argument("--sample", type=int, default=None,
+                        help="run K of the prompts, at evenly spaced ranks of their length, and project the rate")
     parser.add_argument("--min-tokens", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS))
@@ -184,9 +222,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--baselines-only", action="store_true",
                         help="only the resident size of a process and of a Ray actor that have loaded the model")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the jobs' outputs here and resume them on a rerun (default: a new temporary folder)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     check_curated(parser, args)
     if args.child:
@@ -197,7 +237,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     tokenizer = HETA.from_pretrained().tokenizer
     text, source = prompt_text(args.curated)
-    work = tempfile.mkdtemp(prefix="bench-dataset-")
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+    work = str(args.work) if args.work is not None else tempfile.mkdtemp(prefix="bench-dataset-")
     results = {"machine": machine(), "commit": commit(), "data": source, "memory_budget": args.memory_budget,
                "model_rss_bytes": model_rss(), "runs": []}
     if "ray" in args.engines:
@@ -207,13 +249,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return results
     for estimator in args.estimators:
         count = args.exact_prompts if estimator == "exact" and args.exact_prompts else args.prompts
-        rows = make_prompts(tokenizer, text, count, args.min_tokens, args.max_tokens)
-        path = Path(work) / f"prompts-{count}.jsonl"
+        every = make_prompts(tokenizer, text, count, args.min_tokens, args.max_tokens)
+        rows = length_sample(every, args.sample) if args.sample else every
+        path = Path(work) / f"prompts-{count}-{len(rows)}.jsonl"
         path.write_text("".join(json.dumps({"id": r["id"], "text": r["text"]}) + "\n" for r in rows))
         for engine in args.engines:
             cmd = [sys.executable, "-m", "benchmarks.bench_dataset", "--child", estimator, engine, "--input",
                    str(path), "--work", work, "--actors", str(args.actors), "--threads", str(args.threads),
                    "--batch-size", str(args.batch_size), "--memory-budget", str(args.memory_budget)]
+            cmd += ["--resume"] if args.work is not None else []
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             start = time.time()
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
@@ -236,7 +280,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             elif run.get("peak_rss_bytes") is None:
                 run["peak_rss_bytes"] = sampler.peak_process
             run["memory_budget"] = args.memory_budget
-            run["prompts"] = count
+            run["prompts"] = len(rows)
+            if len(rows) < count and run.get("rows_written"):
+                run["sampled_from"] = count
+                cut = {r["id"]: r["tokens"] for r in every}  # lengths as drawn, the unit of the whole set
+                run["rows_per_hour_projected"] = projected_rate([cut[i] for i in run["ids"]], run["row_seconds"],
+                                                                list(cut.values()), workers)
             run["started"] = time.strftime("%H:%M:%S", time.gmtime(start))
             results["runs"].append(run)
             baseline = results["actor_model_rss_bytes"] if engine == "ray" else results["model_rss_bytes"]
@@ -254,6 +303,8 @@ def format_run(run: dict, model_rss_bytes: int) -> str:
             f"{run['memory_budget'] / gib:.2f})" if run.get("peak_rss_bytes") else "peak RSS not read")
     rows = (f"{run['rows_written']}/{run['prompts']} rows written, median row {run['median_row_s']:.2f} s, "
             f"{run['rows_per_hour_compute']:.0f} rows/h (compute)" if run.get("rows_written") else "no rows written")
+    if run.get("rows_per_hour_projected"):
+        rows += f", {run['rows_per_hour_projected']:.0f} rows/h projected onto all {run['sampled_from']} prompts"
     if "error" in run:
         return head + f"failed or stopped: {run['error'][-300:]}; {rows}; {peak}"
     return (head + f"{rows}, {run['rows_per_hour_wall']:.0f} rows/h (wall, {run['wall_s']:.0f} s), {peak}, "
