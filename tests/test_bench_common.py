@@ -93,10 +93,39 @@ def test_dataset_figures_come_from_the_rows_written(tmp_path: Path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     figures = row_figures(path, workers=2)
     assert figures == {"rows_written": 3, "rows_per_hour_compute": 3600 * 3 * 2 / 60.0, "median_row_s": 20.0,
-                       "tokens": [3, 2, 1]}
+                       "tokens": [3, 2, 1], "row_seconds": [10.0, 30.0, 20.0], "ids": ["a", "c", "d"]}
     assert row_figures(tmp_path / "missing.jsonl", workers=1)["rows_written"] == 0
     run = {"estimator": "gauss_newton", "engine": "ray", "error": "stopped after 10 s", "prompts": 200,
            "peak_rss_bytes": 3 << 29, "memory_budget": 1 << 30, **figures}
     line = format_run(run, model_rss_bytes=1 << 30)
     assert "stopped after 10 s" in line and "3/200 rows written, median row 20.00 s, 360 rows/h" in line
     assert "peak RSS 1.50 GiB (model loaded 1.00 + budget 1.00)" in line
+
+
+def test_a_length_sample_takes_evenly_spaced_ranks_of_the_lengths():
+    """``--sample K``: the prompts at ranks floor((j + 1/2) N / K) of (length, id), whatever the input order."""
+    import random
+
+    from benchmarks.bench_dataset import length_sample
+
+    rows = [{"id": f"p{k:02d}", "tokens": 100 - 3 * k} for k in range(10)]  # lengths 100, 97, ..., 73
+    random.Random(1).shuffle(rows)
+    assert [r["tokens"] for r in length_sample(rows, 4)] == [76, 82, 91, 97]  # ranks 1, 3, 6, 8 of 73..100
+    assert [r["tokens"] for r in length_sample(rows, 1)] == [88]  # rank 5
+    assert length_sample(rows, 10) == rows and length_sample(rows, 50) == rows
+    tied = [{"id": "b", "tokens": 5}, {"id": "a", "tokens": 5}, {"id": "c", "tokens": 9}]
+    assert [r["id"] for r in length_sample(tied, 2)] == ["a", "c"]  # ranks 0 and 2; ties by id
+
+
+def test_the_projected_rate_interpolates_row_times_in_the_length():
+    """Each prompt's time is read off the sample's (length, seconds) points, linearly between them,
+    flat beyond them, equal lengths averaged; rate = workers * 3600 * N / total seconds."""
+    from benchmarks.bench_dataset import projected_rate
+
+    # sample: 40 tokens -> 10 s, 80 -> 30 s (two rows, 20 s and 40 s), 120 -> 70 s
+    lengths, seconds = [80, 40, 120, 80], [20.0, 10.0, 70.0, 40.0]
+    everything = [30, 40, 60, 80, 100, 120, 130]  # times 10, 10, 20, 30, 50, 70, 70: 260 s
+    assert projected_rate(lengths, seconds, everything, workers=1) == pytest.approx(3600 * 7 / 260)
+    assert projected_rate(lengths, seconds, everything, workers=2) == pytest.approx(2 * 3600 * 7 / 260)
+    # the sample itself, projected onto itself, gives its own rate when no length repeats
+    assert projected_rate([40, 120], [10.0, 70.0], [40, 120], workers=1) == pytest.approx(3600 * 2 / 80)
