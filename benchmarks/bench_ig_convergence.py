@@ -32,8 +32,8 @@ BASELINES = {"mean": (False, 0), "mean_first_row_kept": (False, 1), "bos_prepend
 def node_derivatives(heta, ids: list[int], target: int, baseline: torch.Tensor, steps: int) -> dict:
     """``dg/dalpha`` at the ``steps`` Gauss-Legendre nodes of ``[0, 1]``; the largest weighted
     contribution ``w dg/dalpha`` and where it is, the median ``|dg/dalpha|`` and the nodes' sum."""
-    E = methods._embeddings(heta, ids)
-    g = methods._target_log_prob(heta, target)
+    E = methods.embeddings(heta, ids)
+    g = methods.target_log_prob(heta, target)
     x, w = np.polynomial.legendre.leggauss(steps)
     alphas = torch.tensor((x + 1) / 2, dtype=E.dtype)
     derivative = []

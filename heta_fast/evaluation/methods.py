@@ -54,15 +54,16 @@ def _captum():
     return captum.attr
 
 
-def _target_log_prob(heta, target: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def target_log_prob(heta, target: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """``g``: embeddings ``[B, n, d]`` -> the target's log-probability at the last row ``[B]``."""
-    def forward(embeddings: torch.Tensor) -> torch.Tensor:
-        hidden = heta.lm.hidden(embeddings).last_hidden_state[:, -1]
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        hidden = heta.lm.hidden(inputs).last_hidden_state[:, -1]
         return torch.log_softmax(heta.lm.unembed(hidden).float(), dim=-1)[:, target]
     return forward
 
 
-def _embeddings(heta, ids: Sequence[int]) -> torch.Tensor:
+def embeddings(heta, ids: Sequence[int]) -> torch.Tensor:
+    """The input embeddings of ``ids``, ``[1, n, d]``, a copy the caller may mark ``requires_grad``."""
     return heta.lm.embed(torch.tensor(list(ids), dtype=torch.long))[None].clone()  # [1, n, d]
 
 
@@ -113,7 +114,7 @@ def heta_method(config: HETAConfig, part: str = "scores") -> Method:
 def mean_embedding_baseline(heta, ids: Sequence[int], keep: int = 0) -> torch.Tensor:
     """IG's baseline ``B`` ``[1, n, d]``: the vocabulary's mean embedding in every row but the
     first ``keep`` rows, which keep their own embedding (and so get no attribution)."""
-    E = _embeddings(heta, ids)
+    E = embeddings(heta, ids)
     B = heta.lm.embedding.weight.detach().mean(dim=0).expand_as(E).clone()
     B[0, :keep] = E[0, :keep]
     return B
@@ -123,8 +124,8 @@ def integrated_gradients_with_delta(heta, ids: Sequence[int], target: int, basel
                                     steps: int = IG_STEPS) -> tuple[torch.Tensor, float, float]:
     """Captum IG of ``g`` from ``baseline`` ``[1, n, d]``: ``(a [n], |delta|, g(E) - g(B))``, with
     ``delta = sum a - (g(E) - g(B))`` (Captum's convergence delta, Gauss-Legendre, ``steps``)."""
-    E = _embeddings(heta, ids)
-    g = _target_log_prob(heta, target)
+    E = embeddings(heta, ids)
+    g = target_log_prob(heta, target)
     attributions, delta = _captum().IntegratedGradients(g).attribute(
         E, baselines=baseline, n_steps=steps, internal_batch_size=32, return_convergence_delta=True)
     with torch.no_grad():
@@ -140,21 +141,21 @@ def integrated_gradients(heta, ids: Sequence[int], target: int) -> torch.Tensor:
 
 
 def saliency(heta, ids: Sequence[int], target: int) -> torch.Tensor:
-    E = _embeddings(heta, ids).requires_grad_(True)
-    grads = _captum().Saliency(_target_log_prob(heta, target)).attribute(E, abs=False)
+    E = embeddings(heta, ids).requires_grad_(True)
+    grads = _captum().Saliency(target_log_prob(heta, target)).attribute(E, abs=False)
     return grads[0].norm(dim=-1).detach().float()
 
 
 def input_x_gradient(heta, ids: Sequence[int], target: int) -> torch.Tensor:
-    E = _embeddings(heta, ids).requires_grad_(True)
-    return _captum().InputXGradient(_target_log_prob(heta, target)).attribute(E)[0].sum(dim=-1).detach().float()
+    E = embeddings(heta, ids).requires_grad_(True)
+    return _captum().InputXGradient(target_log_prob(heta, target)).attribute(E)[0].sum(dim=-1).detach().float()
 
 
 def occlusion(heta, ids: Sequence[int], target: int) -> torch.Tensor:
-    E = _embeddings(heta, ids)
+    E = embeddings(heta, ids)
     n, d = E.shape[1], E.shape[2]
     features = torch.arange(n)[None, :, None].expand(1, n, d)
-    ablation = _captum().FeatureAblation(_target_log_prob(heta, target))
+    ablation = _captum().FeatureAblation(target_log_prob(heta, target))
     with torch.no_grad():
         out = ablation.attribute(E, baselines=0.0, feature_mask=features, perturbations_per_eval=16)
     return out[0, :, 0].detach().float()
@@ -163,7 +164,7 @@ def occlusion(heta, ids: Sequence[int], target: int) -> torch.Tensor:
 def _attentions(heta, ids: Sequence[int]) -> list[torch.Tensor]:
     """Per layer the head-averaged attention ``[1, n, n]`` (one head, for ``prediction_rows``)."""
     with torch.no_grad():
-        out = heta.lm.hidden(_embeddings(heta, ids), output_attentions=True)
+        out = heta.lm.hidden(embeddings(heta, ids), output_attentions=True)
     return [a[0].float().mean(dim=0, keepdim=True) for a in out.attentions]
 
 
