@@ -149,19 +149,31 @@ def child(args: argparse.Namespace) -> dict:
             "load_before": load_before, "load_after": os.getloadavg()}
 
 
-def row_figures(path: Path, workers: int) -> dict:
+def row_figures(path: Path, workers: int, ids: frozenset[str] | None = None) -> dict:
     """From a job's output file (whole or cut short): rows, rows per hour of the attribution alone
     (``workers`` x 3600 / mean record seconds), the median row time, and per row its context length,
-    seconds and id."""
+    seconds and id. ``ids``: count only these rows (a ``--work`` folder may hold rows of another sample)."""
     from heta_fast.jobs.io import read_records
 
     records = [r for r in read_records(str(path)) if "error" not in r] if path.exists() else []
+    records = [r for r in records if ids is None or r["id"] in ids]
     compute = sum(r["seconds"] for r in records)
     return {"rows_written": len(records),
             "rows_per_hour_compute": 3600 * len(records) * workers / compute if compute else None,
             "median_row_s": sorted(r["seconds"] for r in records)[len(records) // 2] if records else None,
             "tokens": [len(r["context_ids"]) for r in records],
             "row_seconds": [r["seconds"] for r in records], "ids": [r["id"] for r in records]}
+
+
+def write_prompts(path: Path, rows: list[dict], keep: bool) -> None:
+    """Write ``rows`` as the job input ``path`` (``{"id", "text"}`` lines). With ``keep`` (a ``--work``
+    folder that a rerun resumes) an existing file must hold the same prompts: the output's ids would
+    otherwise name other texts, and the resumed job would skip rows it never ran."""
+    text = "".join(json.dumps({"id": r["id"], "text": r["text"]}) + "\n" for r in rows)
+    if keep and path.exists() and path.read_text() != text:
+        raise SystemExit(f"--work {path.parent}: {path.name} holds other prompts than this run's (another "
+                         "--curated, --min-tokens or --max-tokens?); give a new folder")
+    path.write_text(text)
 
 
 def _printed_bytes(code: str, env: dict | None = None) -> int:
@@ -250,9 +262,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for estimator in args.estimators:
         count = args.exact_prompts if estimator == "exact" and args.exact_prompts else args.prompts
         every = make_prompts(tokenizer, text, count, args.min_tokens, args.max_tokens)
+        path = Path(work) / f"prompts-{count}.jsonl"
+        write_prompts(path, every, keep=args.work is not None)
         rows = length_sample(every, args.sample) if args.sample else every
-        path = Path(work) / f"prompts-{count}-{len(rows)}.jsonl"
-        path.write_text("".join(json.dumps({"id": r["id"], "text": r["text"]}) + "\n" for r in rows))
+        if rows is not every:  # the sample's own input, derived from the checked set above
+            path = Path(work) / f"prompts-{count}-{len(rows)}.jsonl"
+            write_prompts(path, rows, keep=False)
         for engine in args.engines:
             cmd = [sys.executable, "-m", "benchmarks.bench_dataset", "--child", estimator, engine, "--input",
                    str(path), "--work", work, "--actors", str(args.actors), "--threads", str(args.threads),
@@ -274,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 sampler.stop()
             workers = args.actors if engine == "ray" else 1
             run.update(estimator=estimator, engine=engine, **row_figures(Path(work) / f"{estimator}-{engine}.jsonl",
-                                                                        workers))
+                                                                        workers, frozenset(r["id"] for r in rows)))
             if engine == "ray":
                 run["peak_rss_bytes"] = sampler.peak_actor
             elif run.get("peak_rss_bytes") is None:

@@ -95,6 +95,8 @@ def test_dataset_figures_come_from_the_rows_written(tmp_path: Path):
     assert figures == {"rows_written": 3, "rows_per_hour_compute": 3600 * 3 * 2 / 60.0, "median_row_s": 20.0,
                        "tokens": [3, 2, 1], "row_seconds": [10.0, 30.0, 20.0], "ids": ["a", "c", "d"]}
     assert row_figures(tmp_path / "missing.jsonl", workers=1)["rows_written"] == 0
+    # a --work folder may hold rows of another sample: only the job's own ids count
+    assert row_figures(path, workers=1, ids=frozenset({"c", "b"}))["row_seconds"] == [30.0]
     run = {"estimator": "gauss_newton", "engine": "ray", "error": "stopped after 10 s", "prompts": 200,
            "peak_rss_bytes": 3 << 29, "memory_budget": 1 << 30, **figures}
     line = format_run(run, model_rss_bytes=1 << 30)
@@ -129,3 +131,21 @@ def test_the_projected_rate_interpolates_row_times_in_the_length():
     assert projected_rate(lengths, seconds, everything, workers=2) == pytest.approx(2 * 3600 * 7 / 260)
     # the sample itself, projected onto itself, gives its own rate when no length repeats
     assert projected_rate([40, 120], [10.0, 70.0], [40, 120], workers=1) == pytest.approx(3600 * 2 / 80)
+
+
+def test_a_work_folder_refuses_other_prompts(tmp_path: Path):
+    """Resuming in a ``--work`` folder whose prompts differ would skip rows by ids that name other
+    texts: refused, naming the folder; the same prompts, or a fresh run (no --work), are written."""
+    from benchmarks.bench_dataset import write_prompts
+
+    path = tmp_path / "prompts-2.jsonl"
+    rows = [{"id": "p0000", "text": "one", "tokens": 1}, {"id": "p0001", "text": "two", "tokens": 1}]
+    write_prompts(path, rows, keep=True)
+    assert path.read_text() == '{"id": "p0000", "text": "one"}\n{"id": "p0001", "text": "two"}\n'
+    write_prompts(path, rows, keep=True)  # a rerun with the same prompts resumes
+    other = [rows[0], {"id": "p0001", "text": "else", "tokens": 1}]
+    with pytest.raises(SystemExit, match=f"^--work {tmp_path}: prompts-2.jsonl holds other prompts"):
+        write_prompts(path, other, keep=True)
+    assert "two" in path.read_text()
+    write_prompts(path, other, keep=False)
+    assert "else" in path.read_text()
