@@ -201,8 +201,7 @@ class Loaded(ray_engine._Worker):  # the engine's own actor, answering its first
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
 ray.data.DataContext.get_current().enable_progress_bars = False
 rows = ray.data.from_items([{"id": "baseline", "text": "unused"}])
-kwargs = {"model": None, "model_factory": None, "config": HETAConfig().to_dict(),
-          "columns": ray_engine._columns_dict(io.Columns()), "threads": 1, "device": None, "done": frozenset()}
+kwargs = ray_engine.worker_kwargs(None, None, HETAConfig(), io.Columns(), threads=1, device=None, done=frozenset())
 out = rows.map_batches(Loaded, batch_format="pyarrow", batch_size=1, num_cpus=1,
                        compute=ray.data.ActorPoolStrategy(size=1), fn_constructor_kwargs=kwargs)
 print(out.take_all()[0]["rss"])

@@ -142,9 +142,7 @@ def run_ray(source: Any, writer: io.RecordWriter, *, model: str | None, model_fa
         out = ds.map_batches(
             _Worker, batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=max(threads, 1) if not gpus else None, num_gpus=gpus or None,
-            fn_constructor_kwargs={"model": model, "model_factory": model_factory, "config": config.to_dict(),
-                                   "columns": _columns_dict(columns), "threads": threads, "device": device,
-                                   "done": done},
+            fn_constructor_kwargs=worker_kwargs(model, model_factory, config, columns, threads, device, done),
             max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
         bar = progress_bar(total, quiet)
         try:
@@ -160,6 +158,13 @@ def run_ray(source: Any, writer: io.RecordWriter, *, model: str | None, model_fa
     finally:
         if started:
             ray.shutdown()
+
+
+def worker_kwargs(model: str | None, model_factory: ModelFactory | None, config: HETAConfig, columns: io.Columns,
+                  threads: int, device: str | None, done: frozenset[str]) -> dict[str, Any]:
+    """The keyword arguments of ``_Worker`` (``map_batches``' ``fn_constructor_kwargs``), as plain values."""
+    return {"model": model, "model_factory": model_factory, "config": config.to_dict(),
+            "columns": _columns_dict(columns), "threads": threads, "device": device, "done": done}
 
 
 def _columns_dict(columns: io.Columns) -> Mapping[str, str]:
