@@ -40,8 +40,7 @@ if not ARGS.smoke and not torch.cuda.is_available():
     print("bench_kernels_gpu: no CUDA device here; nothing to time (use --smoke to exercise the script on CPU).")
     sys.exit(0)
 
-import heta_fast.kernels as K  # noqa: E402
-
+import heta_fast.backends.triton_kernels as K  # noqa: E402
 from benchmarks.common import commit, load_average, machine  # noqa: E402
 from heta_fast.kl import linear_kl  # noqa: E402
 from heta_fast.rng import rademacher  # noqa: E402

@@ -6,8 +6,9 @@ import pytest
 import torch
 from helpers import random_ids, tiny_llama
 
-from heta_fast import kernels, pipeline
+from heta_fast import pipeline
 from heta_fast.backends import REGISTRY, TORCH_OPS, TRITON_OPS, Backend, resolve
+from heta_fast.backends import triton_kernels as kernels
 from heta_fast.config import BACKENDS, HETAConfig
 from heta_fast.flops import component_flops
 from heta_fast.kl import linear_kl

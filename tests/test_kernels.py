@@ -22,10 +22,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton")
-import heta_fast.kernels as K  # noqa: E402
 import triton.language as tl  # noqa: E402
-from heta_fast.kernels.probes import _probe_key, _probe_sign  # noqa: E402
 
+import heta_fast.backends.triton_kernels as K  # noqa: E402
+from heta_fast.kernels.probes import _probe_key, _probe_sign  # noqa: E402
 from heta_fast.kl import linear_kl  # noqa: E402
 from heta_fast.rng import rademacher  # noqa: E402
 from heta_fast.sensitivity.exact import block_l1_mean  # noqa: E402
@@ -64,17 +64,16 @@ def test_status_reports_a_runnable_backend():
 
 @pytest.fixture
 def fresh_package():
-    """A second, never-loaded copy of ``heta_fast.kernels`` (its ``__init__`` needs no triton)."""
-    name = "_heta_kernels_copy"
-    spec = importlib.util.spec_from_file_location(name, K.__file__, submodule_search_locations=list(K.__path__))
+    """A second, never-loaded copy of the kernels' front module (importing it needs no triton)."""
+    name = "_heta_triton_kernels_copy"
+    spec = importlib.util.spec_from_file_location(name, K.__file__)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # relative imports inside the copy resolve through sys.modules
+    sys.modules[name] = mod
     try:
         spec.loader.exec_module(mod)
         yield mod
     finally:
-        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-            del sys.modules[key]
+        del sys.modules[name]
 
 
 def test_import_without_triton_then_clear_error(monkeypatch, fresh_package):
@@ -106,7 +105,7 @@ def test_interpreter_switched_on_after_triton_was_imported_is_reported():
         import triton.language  # what transformers' model classes do on import
         os.environ["TRITON_INTERPRET"] = "1"
         import torch
-        import heta_fast.kernels as K
+        import heta_fast.backends.triton_kernels as K
         ok, why = K.triton_status()
         print(ok, why)
         try:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from heta_fast import kernels
+from heta_fast.backends import triton_kernels
 from heta_fast.config import BACKENDS
 
 
 def triton_status(device: torch.device | None = None) -> tuple[bool, str]:
     """Whether the triton backend can run for a model on ``device``, and why not if it cannot."""
-    ok, why = kernels.triton_status()
+    ok, why = triton_kernels.triton_status()
     if ok and device is not None and device.type != "cuda" and "interpreter" not in why:
         return False, f"the model is on {device.type}; the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)"
     return ok, why

@@ -7,7 +7,8 @@ config, progress) -> (list[Components], timings)``; ``components`` is its one-ta
   token (``heta_fast.reference``); the oracle. It explains several targets one by one.
 - ``torch``: the fast path (``heta_fast.pipeline``) with ``TORCH_OPS``, the plain torch reductions.
 - ``triton``: the same pipeline with ``TRITON_OPS``, the fused kernels of ``heta_fast.kernels``
-  (built here, once; the kernels load triton on their first call).
+  through ``heta_fast.backends.triton_kernels`` (built here, once; the kernels load triton on
+  their first call).
 
 ``auto`` is not a backend but a choice: ``resolve`` picks triton for a CUDA model where it can
 run, else torch.
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from heta_fast import kernels, pipeline, reference
+from heta_fast import pipeline, reference
+from heta_fast.backends import triton_kernels as kernels
 from heta_fast.backends.availability import check, triton_status
 from heta_fast.components import Components, Progress
 from heta_fast.config import HETAConfig

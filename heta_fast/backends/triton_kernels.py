@@ -1,11 +1,16 @@
-"""Triton kernels for heta_fast (import name ``heta_fast.kernels``).
+"""The triton backend's door to the Triton kernels of ``heta_fast.kernels``.
+
+The kernels live in the repository's top-level ``kernels/`` folder, which is importable as
+``heta_fast.kernels`` and nothing else (docs/architecture.md, "Where the kernels live"). That
+folder is deliberately a namespace portion, without ``__init__.py``, so this module is its
+front: what each kernel computes, whether the backend can run, and loading on first call.
 
 - ``fused_linear_kl``: ``KL(P || softmax(hidden @ weight.T + bias))`` per row, no ``B x V`` logits.
 - ``hvp_block_l1_mean``: ``S`` straight from a batch of HVP results.
 - ``rademacher_triton``: the counter-based probes drawn in-kernel.
 
 Each matches its torch reference (``heta_fast.kl.linear_kl``, ``heta_fast.sensitivity.exact.block_l1_mean``,
-``heta_fast.rng.rademacher``). Importing this package never needs triton: the kernel modules
+``heta_fast.rng.rademacher``). Importing this module never needs triton: the kernel modules
 load on the first call, which raises ``RuntimeError`` when ``triton_status()`` says the backend
 cannot run. Triton decides on its first import whether kernels are compiled or interpreted
 (``TRITON_INTERPRET=1``, CPU tensors), and transformers imports it with its model classes: set
@@ -18,7 +23,7 @@ import importlib
 
 import torch
 
-from ._common import interpret_enabled
+from heta_fast.kernels._common import interpret_enabled
 
 __all__ = ["fused_linear_kl", "hvp_block_l1_mean", "rademacher_triton", "triton_status"]
 
@@ -68,7 +73,7 @@ def _load(module: str):
     ok, why = triton_status()
     if not ok:
         raise RuntimeError(f"heta_fast.kernels: the Triton backend cannot run here: {why}")
-    mod = importlib.import_module(f".{module}", __name__)
+    mod = importlib.import_module(f"heta_fast.kernels.{module}")
     if _loaded_interpret is None:
         _loaded_interpret = interpret_enabled()
     return mod
