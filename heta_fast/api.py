@@ -102,6 +102,13 @@ class HETA:
             raise ValueError(f"target token id {target_token} is outside the vocabulary [0, {self.lm.vocab_size})")
         return target_token
 
+    def sink_token(self, config: HETAConfig) -> int | None:
+        """The id ``config.sink`` puts before the text (None for ``sink="none"``); ``ValueError``
+        when ``sink="bos"`` finds no usable token (``heta_fast.sink.sink_token_id``)."""
+        if config.sink == "none":
+            return None
+        return sink.sink_token_id(self.tokenizer, self.model, self.lm.vocab_size)
+
     def attribute(self, text_or_ids: str | Sequence[int] | torch.Tensor, target_pos: int | None = None,
                   target_token: str | int | None = None, *, targets: Sequence[int] | None = None,
                   config: HETAConfig | None = None, progress: Progress | None = None,
@@ -121,6 +128,7 @@ class HETA:
                 raise ValueError("give either targets or target_pos/target_token, not both")
             return self.attribute_targets(text_or_ids, targets, config=config, progress=progress, **overrides)
         config = self._config(config, overrides)
+        token = self.sink_token(config)
         ids = self.tokenize(text_or_ids)
         L = len(ids)
         last = L if target_token is not None else L - 1
@@ -134,7 +142,6 @@ class HETA:
             raise ValueError(f"target_pos {target_pos} is out of range: it must lie in [1, {last}] "
                              f"for {L} tokens (position 0 has no context)")
         y = self.target_id(target_token) if target_token is not None else ids[target_pos]
-        token = sink.sink_token_id(self.tokenizer, self.model)
         backend = backends.resolve(config.backend, self.lm)
         windows = bool(config.window_size) and target_pos > config.window_size
         self.check_size(target_pos + 1, config, sink_rows=int(config.sink != "none" and (windows or ids[0] != token)))
@@ -169,11 +176,12 @@ class HETA:
         than it), explain the targets one by one with ``attribute``.
         """
         config = self._config(config, overrides)
+        token = self.sink_token(config)
         ids = self.tokenize(text_or_ids)
         targets = pipeline.check_targets(targets, len(ids))
         backend = backends.resolve(config.backend, self.lm)
         # one sink token before the text serves every target: positions shift by ``added``
-        ids, _, added = sink.prepend(ids, 0, config.sink, sink.sink_token_id(self.tokenizer, self.model))
+        ids, _, added = sink.prepend(ids, 0, config.sink, token)
         shifted = [t + added for t in targets]
         windows = bool(config.window_size) and max(targets) > config.window_size  # windows are cut per target
         self.check_size(max(targets) + 1, config, sink_rows=int(config.sink != "none" and (windows or added)))

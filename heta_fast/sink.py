@@ -6,7 +6,7 @@ adds none) the first word of the text is the sink; measured on SmolLM2-135M with
 protocol it took 69-74% of the default attribution (issue 11). ``sink="bos"`` gives the model
 its own sink token, explains the context after it, and reports the sink's share of the score.
 
-    ids, target_pos, added = prepend(ids, target_pos, "bos", sink_token_id(tokenizer, model))
+    ids, target_pos, added = prepend(ids, target_pos, "bos", sink_token_id(tokenizer, model, vocab_size))
     components, share = strip(components, added, beta, gamma, mix)
 """
 
@@ -18,19 +18,31 @@ from heta_fast.components import Components, normalise_flow
 from heta_fast.mix import mixed
 
 
-def sink_token_id(tokenizer, model) -> int:
-    """The sink token: the tokenizer's BOS, else the model config's BOS, else its EOS, else id 0."""
-    for owner in (tokenizer, getattr(model, "config", None)):
-        bos = getattr(owner, "bos_token_id", None) if owner is not None else None
-        if isinstance(bos, int):
-            return bos
-    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
-    if isinstance(eos, (list, tuple)) and eos:
-        eos = eos[0]
-    return eos if isinstance(eos, int) else 0
+def sink_token_id(tokenizer, model, vocab_size: int) -> int:
+    """The token ``sink="bos"`` puts first: the first id in ``[0, vocab_size)`` among the
+    tokenizer's BOS, the model config's BOS and (the substitute, for models without a BOS) the
+    config's EOS.
+
+    A stock config reused for a small or random model keeps ids its vocabulary lacks
+    (``GPT2Config(vocab_size=97)`` keeps ``bos_token_id=50256``), and some models have neither
+    token: then ``ValueError`` names the option and the fix, before any model work, rather than
+    an ``IndexError`` from the embedding lookup or a silently chosen token.
+    """
+    config = getattr(model, "config", None)
+    candidates = [("the tokenizer's bos_token_id", getattr(tokenizer, "bos_token_id", None)),
+                  ("config.bos_token_id", getattr(config, "bos_token_id", None)),
+                  ("config.eos_token_id", getattr(config, "eos_token_id", None))]
+    for _, value in candidates:
+        token = value[0] if isinstance(value, (list, tuple)) and value else value
+        if isinstance(token, int) and not isinstance(token, bool) and 0 <= token < vocab_size:
+            return token
+    found = ", ".join(f"{name} is {value!r}" for name, value in candidates if tokenizer is not None or "config" in name)
+    raise ValueError(f"sink='bos' needs a BOS (or EOS) token id inside the vocabulary [0, {vocab_size}), and this "
+                     f"model has none: {found}; pass sink='none' (no sink token, the method as defined) or give the "
+                     "model's config a bos_token_id inside its vocabulary")
 
 
-def prepend(ids: list[int], target_pos: int, sink: str, token: int) -> tuple[list[int], int, bool]:
+def prepend(ids: list[int], target_pos: int, sink: str, token: int | None) -> tuple[list[int], int, bool]:
     """``(ids, target_pos, added)``: the sink token put first when ``sink == "bos"`` and absent.
 
     Input that already starts with the sink token (a tokenizer that adds BOS itself) is left

@@ -78,8 +78,13 @@ def test_our_kernels_folder_is_a_namespace_portion_and_heta_fast_kernels_links_t
 def test_a_built_wheel_ships_the_kernels_inside_heta_fast_only(tmp_path, other_kernels):
     """Built as pip builds it, then imported from the unpacked wheel beside a stand-in ``kernels``."""
     pytest.importorskip("setuptools")
+    source = tmp_path / "source"  # setuptools builds in the source tree: build from a copy
+    for name in ("heta_fast", "kernels"):
+        shutil.copytree(ROOT / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=600)
+                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("heta_fast-*.whl")
     with zipfile.ZipFile(wheel) as archive:

@@ -110,3 +110,94 @@ def test_presets_by_need():
         HETAConfig.preset("quick")
     with pytest.raises(TypeError, match="unknown HETAConfig field 'hesian'"):
         HETAConfig.preset("fast", hesian="exact")
+
+
+# --- the sink token of models without a usable BOS (issue 23) ----------------------------------
+
+BAD_BOS = "sink='bos' needs a BOS \\(or EOS\\) token id inside the vocabulary \\[0, 97\\)"
+
+
+def gpt2_with(bos, eos, vocab: int = 97):
+    """A random 1-layer GPT-2 of ``vocab`` tokens whose config says BOS ``bos`` and EOS ``eos``.
+
+    ``GPT2Config(vocab_size=97)`` keeps the stock 50256 for both: the case users meet first.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=vocab)
+    config.bos_token_id, config.eos_token_id = bos, eos
+    return GPT2LMHeadModel(config).eval()
+
+
+def ids97(seed: int, length: int) -> list[int]:
+    return torch.randint(0, 97, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+class Lookups:
+    """Counts the model's embedding lookups: zero means no model work was done."""
+
+    def __init__(self, model):
+        self.count = 0
+        self.handle = model.get_input_embeddings().register_forward_hook(self.hook)
+
+    def hook(self, *_):
+        self.count += 1
+
+
+@pytest.mark.parametrize(("bos", "eos", "named"), [(50256, 50256, "config.bos_token_id is 50256"),
+                                                   (None, None, "config.bos_token_id is None"),
+                                                   (None, 97, "config.eos_token_id is 97")])
+def test_bos_sink_without_a_usable_token_names_the_option_before_any_model_work(fresh_seed, bos, eos, named):
+    model = gpt2_with(bos, eos)
+    heta, lookups = HETA(model), Lookups(model)
+    ids = ids97(fresh_seed, 7)
+    for call in (lambda: heta.attribute(ids), lambda: heta.attribute(ids, targets=[3, 6]),
+                 lambda: heta.attribute_targets(ids, [3, 6])):
+        with pytest.raises(ValueError, match=BAD_BOS) as error:
+            call()
+        assert named in str(error.value) and "pass sink='none'" in str(error.value)
+    assert lookups.count == 0
+    result = heta.attribute(ids, sink="none", samples=1)
+    assert result.sink_share is None and result.context_ids == ids[:-1]
+
+
+@pytest.mark.parametrize("eos", [5, [5, 9]])
+def test_bos_sink_falls_back_to_the_eos_token(fresh_seed, eos):
+    heta = HETA(gpt2_with(None, eos))
+    ids = [i if i != 5 else 6 for i in ids97(fresh_seed, 8)]
+    config = HETAConfig.paper(samples=2, seed=fresh_seed % 1000)
+    with_sink = heta.attribute(ids, config=config.replace(sink="bos"))
+    by_hand = heta.attribute([5, *ids], config=config)
+    assert with_sink.context_ids == ids[:-1] and with_sink.sink_share is not None
+    assert rel_err(with_sink.S, by_hand.S[1:]) < 1e-5 and rel_err(with_sink.I, by_hand.I[1:]) < 1e-5
+
+
+def test_a_dataset_job_refuses_the_sink_before_its_first_row(tmp_path):
+    from heta_fast import attribute_dataset
+
+    model = gpt2_with(50256, 50256)
+    heta = HETA(model)  # its constructor's own check of the logits path runs one tiny forward
+    lookups = Lookups(model)
+    with pytest.raises(ValueError, match=BAD_BOS):
+        attribute_dataset([{"id": "a", "text": "a b c"}], tmp_path / "out.jsonl", model=heta, quiet=True)
+    assert lookups.count == 0
+
+
+def test_the_cli_refuses_the_sink_with_the_same_message(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from heta_fast.cli import main
+
+    words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train_from_iterator(["the cat sat on the mat"], trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]")
+    tokenizer.save_pretrained(tmp_path)
+    gpt2_with(50256, 50256, vocab=len(tokenizer)).save_pretrained(tmp_path)
+    code = main(["attribute", "the cat sat on the mat", "--model", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code != 0 and "sink='bos' needs a BOS (or EOS) token id" in err and "config.bos_token_id is 50256" in err
+    assert main(["attribute", "the cat sat on the mat", "--model", str(tmp_path), "--sink", "none",
+                 "--samples", "1"]) == 0

@@ -1,7 +1,10 @@
 """``heta-fast eval``: faithfulness of HETA and baselines on curated QA.
 
     heta-fast eval --protocol predicted --out eval-run
-    heta-fast eval --data ../shared/data/curated_qa_100.json --protocol answer --methods heta_gauss_newton,saliency
+    heta-fast eval --data PATH/TO/curated_qa_100.json --protocol answer --methods heta_gauss_newton,saliency
+
+``curated_qa_100.json`` is the paper's curated QA set (Apache-2.0), published with the HETA paper's
+code release and not shipped here; pass the path of your copy.
 """
 
 from __future__ import annotations

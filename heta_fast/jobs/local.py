@@ -76,6 +76,7 @@ class RowRunner:
     docstring for the row kinds)."""
 
     def __init__(self, heta: HETA, config: HETAConfig, columns: io.Columns):
+        heta.sink_token(config)  # a sink the model cannot have fails the job here, not on every row
         self.heta = heta
         self.config = config
         self.columns = columns
