@@ -61,7 +61,7 @@ from benchmarks.common import (
     prompt_ids,
     prompt_text,
 )
-from heta_fast import kl, pipeline
+from heta_fast import influence, pipeline
 from heta_fast.api import HETA
 from heta_fast.config import HETAConfig
 from heta_fast.memory import MemoryBudgetWarning
@@ -394,7 +394,7 @@ def memory_run(n: int = 1024, estimator: str = "gauss_newton", budget: int = 4 *
     stages["hessian"] = peak_of(lambda: estimate_sensitivity(lm, E, y, shared["kv"], config, budget))
     if kl_stage:  # as long as the whole call at 1,024 tokens (~15 min here), and inside it anyway
         log(f"n={n}: KL ...")
-        stages["kl"] = peak_of(lambda: kl.kl_information(lm, E, shared["log_P"], shared["kv"], config, budget))
+        stages["kl"] = peak_of(lambda: influence.kl_information(lm, E, shared["log_P"], shared["kv"], config, budget))
     shared.clear()
     log(f"n={n}: whole attribution ...")
     whole = peak_of(lambda: heta.attribute(ids, config=config))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks import bench_smollm
-from heta_fast import kl, reference
+from heta_fast import influence, reference
 from heta_fast import semantic_flow as flow
 from heta_fast.backends import resolve
 from heta_fast.config import HETAConfig
@@ -104,7 +104,7 @@ def test_torch_hessian(benchmark, problem):
 
 def test_torch_kl(benchmark, problem):
     p = problem
-    _run(benchmark, "kl", lambda: kl.kl_information(p["lm"], p["E"], p["log_P"], p["key_values"], p["config"],
+    _run(benchmark, "kl", lambda: influence.kl_information(p["lm"], p["E"], p["log_P"], p["key_values"], p["config"],
                                                     BUDGET))
 
 

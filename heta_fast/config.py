@@ -13,6 +13,7 @@ MASKS = ("zero", "mean", "unk")
 VALUE_SOURCES = ("attention", "residual")
 BACKENDS = ("auto", "reference", "torch", "triton")
 HESSIANS = ("exact", "low_rank", "gauss_newton", "layer_subset")
+INFORMATIONS = ("exact", "linearised", "screened")  # heta_fast.influence
 SINKS = ("none", "bos")  # heta_fast.sink
 MIXES = ("raw", "normalised")  # heta_fast.mix
 
@@ -99,6 +100,10 @@ class HETAConfig:
                                 metavar="K")
     hessian_layers: int = _option(4, "layer_subset: curvature of the residual stream entering the last K layers",
                                   metavar="K")
+    information: str = _option("exact", "how I is computed: exact (one masked forward per token, the spec), "
+                               "linearised or screened (docs/estimators.md)", choices=INFORMATIONS)
+    screened_tokens: int = _option(16, "screened I: tokens whose I is recomputed exactly, the rest linearised",
+                                   metavar="R")
     sink: str = _option("bos", "a sink token before the context, left out of the scores: none (the spec) or bos "
                         "(heta_fast.sink)", choices=SINKS)
     mix: str = _option("normalised", "how S and I are mixed: raw (the spec's beta S + gamma I) or normalised (each "
@@ -134,7 +139,10 @@ class HETAConfig:
             raise TypeError(f"retain_heap must be a bool, got {type(self.retain_heap).__name__}")
         if self.hessian not in HESSIANS:
             raise ValueError(f"unknown hessian estimator {self.hessian!r}; expected one of {', '.join(HESSIANS)}")
-        for name in ("hessian_rank", "hessian_topk", "hessian_layers"):
+        if self.information not in INFORMATIONS:
+            raise ValueError(f"unknown information estimator {self.information!r}; expected one of "
+                             f"{', '.join(INFORMATIONS)}")
+        for name in ("hessian_rank", "hessian_topk", "hessian_layers", "screened_tokens"):
             check_int(name, getattr(self, name), minimum=1, what=f"{name} must be >= 1")
         if self.sink not in SINKS:
             raise ValueError(f"unknown sink {self.sink!r}; expected one of {', '.join(SINKS)}")

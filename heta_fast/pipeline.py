@@ -11,10 +11,12 @@ depend on later rows. With ``T = max t_k`` and prediction rows ``p_k = t_k - 1``
 3. ``S`` (``sensitivity``: exact or an estimator, by ``config.hessian``): per target, on its rows
    ``0 .. t_k``, its ``y_k`` and the cache cut to ``t_k`` rows (each target's Hessian is of its own
    ``log P_k[y_k]``);
-4. ``I`` (``kl.masked_kl``): masking row ``i`` and running rows ``i .. T - 1`` once gives the masked
-   hidden state at every prediction row ``p_k >= i``, so one set of masked forwards serves every
-   target (masks ``zero`` and ``unk``; the ``mean`` mask averages a target's own rows, so each
-   target runs its own).
+4. ``I`` (``influence``: exact or an estimator, by ``config.information``): on the exact path,
+   masking row ``i`` and running rows ``i .. T - 1`` once gives the masked hidden state at every
+   prediction row ``p_k >= i``, so one set of masked forwards serves every target (masks ``zero``
+   and ``unk``; the ``mean`` mask averages a target's own rows, so each target runs its own); the
+   estimators run per target and read the Jacobian that Gauss-Newton ``S`` reads (one
+   ``LogitJacobian`` per target, computed at most once).
 
 One target is the ``K = 1`` case; its numbers are the reference's up to floating-point order.
 """
@@ -31,11 +33,12 @@ from heta_fast.allocator import retained_heap
 from heta_fast.checks import is_int
 from heta_fast.components import Components, Progress, timed
 from heta_fast.config import HETAConfig
+from heta_fast.influence import estimate_information, masked_kl
 from heta_fast.memory import default_budget
 from heta_fast.model import CausalLM
 from heta_fast.rng import rademacher
 from heta_fast.semantic_flow import semantic_flows
-from heta_fast.sensitivity import block_l1_mean, estimate_sensitivity
+from heta_fast.sensitivity import LogitJacobian, block_l1_mean, estimate_sensitivity
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,7 @@ def _run(lm: CausalLM, ids: torch.Tensor, targets: list[int], config: HETAConfig
         progress(stage, done + finished, total)
 
     inner = report if progress is not None else None
+    jacobians = [LogitJacobian(lm, E[:t + 1], int(ids[t]), config, budget) for t in targets]
     S = []
     with timed(timings, "hessian"):
         for k, t in enumerate(targets):
@@ -147,19 +151,20 @@ def _run(lm: CausalLM, ids: torch.Tensor, targets: list[int], config: HETAConfig
                     S.append(torch.zeros(t))
                     continue
                 S_k = estimate_sensitivity(lm, E[:t + 1], int(ids[t]), _cut(key_values, t), config, budget, inner,
-                                           ops.rademacher, ops.block_l1_mean)
+                                           ops.rademacher, ops.block_l1_mean, jacobians[k])
                 S.append(S_k.cpu())
             done += t
     with timed(timings, "kl"):
-        if config.mask == "mean" and len(targets) > 1:  # the replacement depends on the target
+        per_target = config.information != "exact" or (config.mask == "mean" and len(targets) > 1)
+        if per_target:  # an estimator, or a replacement that depends on the target
             I, done = [], 0
             for k, t in enumerate(targets):
                 with timed(own[k], "kl"):
-                    I.append(kl.kl_information(lm, E[:t + 1], log_P[k], _cut(key_values, t), config, budget,
-                                               ops.linear_kl, inner).cpu())
+                    I.append(estimate_information(lm, E[:t + 1], log_P[k], _cut(key_values, t), config, budget,
+                                                  jacobians[k], ops.linear_kl, inner).cpu())
                 done += t
         else:
-            I = [i.cpu() for i in kl.masked_kl(lm, E, log_P, hidden, targets, key_values, config, budget,
-                                               ops.linear_kl, progress)]
+            I = [i.cpu() for i in masked_kl(lm, E, log_P, hidden, targets, key_values, config, budget,
+                                            ops.linear_kl, progress)]
     parts = [Components(M=M[k], S=S[k], I=I[k], timings=own[k]) for k in range(len(targets))]
     return parts, timings

@@ -91,6 +91,9 @@ def components(lm: CausalLM, ids: torch.Tensor, config: HETAConfig, progress: Pr
     if config.hessian != "exact":
         raise ValueError(f"the reference backend computes the exact Hessian only (hessian={config.hessian!r}); "
                          "use backend='torch' for approximate estimators")
+    if config.information != "exact":
+        raise ValueError(f"the reference backend computes the exact I only (information={config.information!r}); "
+                         "use backend='torch' for approximate estimators")
     with lm.prepared():
         return _components(lm, ids, config, progress)
 

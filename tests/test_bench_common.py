@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,7 +74,7 @@ def test_curated_examples_asked_for_without_the_set_are_refused_on_the_command_l
 
 
 # bench_kernels_gpu reads its arguments on import (it must set TRITON_INTERPRET before triton loads)
-SCRIPTS = {"bench_kernels_gpu"}
+SCRIPTS = {"bench_kernels_gpu", "bench_backends_gpu"}  # scripts: parse their flags on import
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "benchmarks").glob("bench_*.py")
@@ -80,6 +82,16 @@ SCRIPTS = {"bench_kernels_gpu"}
 def test_every_benchmark_module_imports(name):
     """A benchmark that no longer imports (a name moved in a refactor) fails here, not on the day it is run."""
     importlib.import_module(f"benchmarks.{name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_gpu_scripts_run_their_smoke_mode_on_the_cpu(name):
+    """The GPU scripts run only where a GPU is lent; ``--smoke`` checks them here on Triton's interpreter."""
+    run = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--smoke"], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "device: CPU (Triton interpreter)" in run.stdout
 
 
 def test_dataset_figures_come_from_the_rows_written(tmp_path: Path):

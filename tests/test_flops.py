@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from heta_fast import kl, reference
+from heta_fast import influence, reference
 from heta_fast import semantic_flow as flow
 from heta_fast.backends import resolve
 from heta_fast.config import HETAConfig
@@ -75,7 +75,7 @@ def test_fast_forward_and_kl(tiny):
 
     with torch.no_grad():
         _close(predicted["forward"], _counted(forward))
-    measured_kl = _counted(lambda: kl.kl_information(lm, E, state["log_P"], state["key_values"], CONFIG, 1))
+    measured_kl = _counted(lambda: influence.kl_information(lm, E, state["log_P"], state["key_values"], CONFIG, 1))
     _close(predicted["kl"], measured_kl)
 
 

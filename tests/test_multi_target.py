@@ -16,7 +16,7 @@ import torch
 from helpers import VOCAB, random_ids, rel_err, tiny_gpt2, tiny_llama
 
 from heta_fast import HETA, HETAConfig, kl
-from heta_fast.kl import shifted_kl
+from heta_fast.influence.exact import shifted_kl
 from heta_fast.model import CausalLM
 from heta_fast.pipeline import Ops
 from heta_fast.pipeline import run as components_many

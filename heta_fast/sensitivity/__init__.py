@@ -22,27 +22,31 @@ import torch
 from heta_fast.components import Progress
 from heta_fast.rng import rademacher
 from heta_fast.sensitivity.exact import block_l1_mean, hessian_sensitivity
-from heta_fast.sensitivity.gauss_newton import gauss_newton_sensitivity
+from heta_fast.sensitivity.gauss_newton import LogitJacobian, gauss_newton_sensitivity
 from heta_fast.sensitivity.layer_subset import layer_subset_sensitivity
 from heta_fast.sensitivity.low_rank import low_rank_sensitivity
 
 Estimator = Callable[..., torch.Tensor]
-"""``(lm, E [t + 1, d], y, key_values, config, budget, progress, rademacher_fn, block_l1_fn) -> S [t]``."""
+"""``(lm, E [t + 1, d], y, key_values, config, budget, progress, rademacher_fn, block_l1_fn, jacobian) -> S [t]``."""
 
 
-def _exact(lm, E, y, key_values, config, budget, progress, rademacher_fn, block_l1_fn) -> torch.Tensor:
+def _exact(lm, E, y, key_values, config, budget, progress, rademacher_fn, block_l1_fn,
+           jacobian) -> torch.Tensor:
     return hessian_sensitivity(lm, E, y, key_values, config, budget, rademacher_fn, block_l1_fn, progress)
 
 
-def _low_rank(lm, E, y, key_values, config, budget, progress, rademacher_fn, block_l1_fn) -> torch.Tensor:
+def _low_rank(lm, E, y, key_values, config, budget, progress, rademacher_fn, block_l1_fn,
+              jacobian) -> torch.Tensor:
     return low_rank_sensitivity(lm, E, y, config, budget, progress)
 
 
-def _gauss_newton(lm, E, y, key_values, config, budget, progress, rademacher_fn, block_l1_fn) -> torch.Tensor:
-    return gauss_newton_sensitivity(lm, E, y, config, budget, progress)
+def _gauss_newton(lm, E, y, key_values, config, budget, progress, rademacher_fn, block_l1_fn,
+                  jacobian) -> torch.Tensor:
+    return gauss_newton_sensitivity(lm, E, y, config, budget, progress, jacobian)
 
 
-def _layer_subset(lm, E, y, key_values, config, budget, progress, rademacher_fn, block_l1_fn) -> torch.Tensor:
+def _layer_subset(lm, E, y, key_values, config, budget, progress, rademacher_fn, block_l1_fn,
+                  jacobian) -> torch.Tensor:
     return layer_subset_sensitivity(lm, E, y, key_values, config, budget, progress, rademacher_fn, block_l1_fn)
 
 
@@ -57,7 +61,7 @@ ESTIMATORS: dict[str, Estimator] = {
 
 def estimate_sensitivity(lm, E: torch.Tensor, y: int, key_values, config, budget: int,
                          progress: Progress | None = None, rademacher_fn=rademacher,
-                         block_l1_fn=block_l1_mean) -> torch.Tensor:
+                         block_l1_fn=block_l1_mean, jacobian: LogitJacobian | None = None) -> torch.Tensor:
     """``S`` ``[n]`` float32 by ``config.hessian``.
 
     E: ``[t + 1, d]`` token embeddings (context and target); y: target id; key_values: the
@@ -66,11 +70,12 @@ def estimate_sensitivity(lm, E: torch.Tensor, y: int, key_values, config, budget
     rademacher_fn, block_l1_fn: the probe generator and the HVP reduction of the paths that
     run HVPs with the method's probes (``exact``, ``layer_subset``), swappable for the fused
     kernels. The others draw their probes in float64 for the read-out and ignore them.
+    jacobian: the target's ``LogitJacobian``, shared with linearised ``I`` (``gauss_newton`` reads it).
     """
     estimator = ESTIMATORS.get(config.hessian)
     if estimator is None:
         raise ValueError(f"unknown hessian estimator {config.hessian!r}; expected one of {', '.join(ESTIMATORS)}")
-    return estimator(lm, E, y, key_values, config, budget, progress, rademacher_fn, block_l1_fn)
+    return estimator(lm, E, y, key_values, config, budget, progress, rademacher_fn, block_l1_fn, jacobian)
 
 
-__all__ = ["ESTIMATORS", "block_l1_mean", "estimate_sensitivity", "hessian_sensitivity"]
+__all__ = ["ESTIMATORS", "LogitJacobian", "block_l1_mean", "estimate_sensitivity", "hessian_sensitivity"]

@@ -62,12 +62,35 @@ def logit_jacobian(lm, E: torch.Tensor, y: int, topk: int, chunk: int) -> tuple[
     return torch.cat(parts), probs
 
 
+class LogitJacobian:
+    """``(J, P_C)`` of ``logit_jacobian`` for one target, computed on first use and kept.
+
+    Gauss-Newton ``S`` and linearised or screened ``I`` (``heta_fast.influence``) read the same
+    Jacobian of the ``K`` most probable logits (``config.hessian_topk``) plus the target's; the
+    pipeline makes one holder per target, so a configuration that uses both pays for it once.
+    """
+
+    def __init__(self, lm, E: torch.Tensor, y: int, config, budget: int):
+        self.lm, self.E, self.y, self.config, self.budget = lm, E, y, config, budget
+        self._value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``J`` ``[C, t, d]`` and ``P_C`` ``[C]`` float64 (see ``logit_jacobian``)."""
+        if self._value is None:
+            t, topk = self.E.shape[0] - 1, self.config.hessian_topk
+            chunk = vectors_that_fit(self.lm, self.budget, t, topk + 1, "one logit's backward over all rows")
+            self._value = logit_jacobian(self.lm, self.E, self.y, topk, chunk)
+        return self._value
+
+
 def gauss_newton_sensitivity(lm, E: torch.Tensor, y: int, config, budget: int,
-                             progress: Progress | None = None) -> torch.Tensor:
-    """``S`` ``[n]`` from ``J^T Lambda J`` on ``config.hessian_topk`` logits (+ the target). E: ``[t + 1, d]``."""
+                             progress: Progress | None = None, jacobian: LogitJacobian | None = None) -> torch.Tensor:
+    """``S`` ``[n]`` from ``J^T Lambda J`` on ``config.hessian_topk`` logits (+ the target). E: ``[t + 1, d]``.
+
+    jacobian: the target's shared ``LogitJacobian`` (made here when None).
+    """
     t, d = E.shape[0] - 1, E.shape[1]
-    chunk = vectors_that_fit(lm, budget, t, config.hessian_topk + 1, "one logit's backward over all rows")
-    J, probs = logit_jacobian(lm, E, y, config.hessian_topk, chunk)
+    J, probs = (jacobian or LogitJacobian(lm, E, y, config, budget)).get()
     Lam = softmax_curvature(probs)
     if progress is not None:
         progress("hessian", t // 2, t)  # J done; positions, like the exact path
