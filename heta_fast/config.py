@@ -26,6 +26,10 @@ PRESETS: dict[str, dict] = {
     "paper": {"sink": "none", "mix": "raw", "hessian": "exact"},  # docs/method.md, bit for bit
     "exact": {"hessian": "exact"},  # the library's defaults (sink "bos", normalised mix), exact Hessian
     "fast": {"hessian": "gauss_newton", "hessian_topk": 8},
+    # A fixed number of model passes whatever the context's length (issue 24): Gauss-Newton S and
+    # screened I share one logit Jacobian, then 16 masked forwards; fidelity and cost in
+    # BENCHMARKS.md "Fixed-pass I". M still keeps every layer's attention (quadratic memory).
+    "fixed": {"hessian": "gauss_newton", "hessian_topk": 8, "information": "screened", "screened_tokens": 16},
 }
 
 # Option groups of the command line, in the order ``--help`` shows them.

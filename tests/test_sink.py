@@ -106,7 +106,11 @@ def test_presets_by_need():
     assert HETAConfig.preset("fast", hessian_topk=4, seed=3) == HETAConfig(hessian="gauss_newton", hessian_topk=4,
                                                                             seed=3)
     assert HETAConfig.preset("paper", samples=3) == HETAConfig.paper(samples=3)
-    with pytest.raises(ValueError, match="unknown preset 'quick'; expected one of paper, exact, fast"):
+    fixed = HETAConfig.preset("fixed")
+    assert (fixed.hessian, fixed.hessian_topk, fixed.information, fixed.screened_tokens) == (
+        "gauss_newton", 8, "screened", 16)
+    assert fixed.replace(information="exact") == fast
+    with pytest.raises(ValueError, match="unknown preset 'quick'; expected one of paper, exact, fast, fixed"):
         HETAConfig.preset("quick")
     with pytest.raises(TypeError, match="unknown HETAConfig field 'hesian'"):
         HETAConfig.preset("fast", hesian="exact")
