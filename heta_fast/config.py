@@ -16,6 +16,7 @@ HESSIANS = ("exact", "low_rank", "gauss_newton", "layer_subset")
 INFORMATIONS = ("exact", "linearised", "screened")  # heta_fast.influence
 SINKS = ("none", "bos")  # heta_fast.sink
 MIXES = ("raw", "normalised")  # heta_fast.mix
+FLOWS = ("rollout", "position_normalised")  # heta_fast.semantic_flow
 
 # Named configurations, by what the user needs (``HETAConfig.preset``; ``--preset`` on the CLI).
 # Each is a set of field changes on top of HETAConfig's defaults. Why ``fast`` is Gauss-Newton
@@ -84,6 +85,8 @@ class HETAConfig:
     mask: str = _option("zero", "what replaces a token's embedding for I", choices=MASKS)
     value_source: str = _option("attention", "value vectors for M: 'attention' (what the layer computes) or "
                                 "'residual' (the released code's variant)", choices=VALUE_SOURCES)
+    flow: str = _option("rollout", "M: rollout (the spec) or position_normalised (each position's rollout divided by "
+                        "what uniform attention would give it)", choices=FLOWS)
     flow_layers: int | None = _option(None, "semantic flow over the last K layers only (default: all layers)",
                                       metavar="K")
     window_size: int | None = _option(None, "sliding windows of W context tokens for long inputs "
@@ -125,6 +128,8 @@ class HETAConfig:
             raise ValueError(f"unknown mask {self.mask!r}; expected one of {', '.join(MASKS)}")
         if self.value_source not in VALUE_SOURCES:
             raise ValueError(f"unknown value_source {self.value_source!r}; expected one of {', '.join(VALUE_SOURCES)}")
+        if self.flow not in FLOWS:
+            raise ValueError(f"unknown flow {self.flow!r}; expected one of {', '.join(FLOWS)}")
         if self.flow_layers is not None:
             check_int("flow_layers", self.flow_layers, minimum=1, what="flow_layers must be >= 1 (or None)")
         if self.window_size is not None:

@@ -131,7 +131,7 @@ def _run(lm: CausalLM, ids: torch.Tensor, targets: list[int], config: HETAConfig
         log_P = torch.log_softmax(lm.unembed(hidden).double(), dim=-1)  # [K, V]
         key_values = lm.key_values(out)
     with timed(timings, "semantic_flow"), torch.no_grad():
-        M = [m.cpu() for m in semantic_flows(lm, out.attentions, values, config.flow_layers, rows)]
+        M = [m.cpu() for m in semantic_flows(lm, out.attentions, values, config.flow_layers, rows, config.flow)]
     del out, values
     if progress is not None:
         progress("semantic_flow", 1, 1)

@@ -43,6 +43,14 @@ def semantic_flow(lm: CausalLM, E: torch.Tensor, config: HETAConfig) -> torch.Te
             W_O = lm.layers[layer].out_heads[h].float()  # [d_h, d]
             nu = (v @ W_O).abs().sum(dim=-1)  # [T]
             m += phi * nu
+    if config.flow == "position_normalised":  # divided by the rollout of uniform causal attention
+        U = torch.tril(torch.ones(T, T, device=E.device))
+        U_hat = 0.5 * U / U.sum(dim=-1, keepdim=True) + 0.5 * eye
+        R, u = eye, torch.zeros(T, device=E.device)
+        for _ in range(first, lm.num_layers):
+            R = U_hat @ R
+            u += R[p]
+        m = m / u
     return normalise_flow(m[:t])
 
 

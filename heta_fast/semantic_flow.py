@@ -95,17 +95,34 @@ def semantic_flow(lm: CausalLM, attentions: tuple[torch.Tensor, ...], values: li
     return normalise_flow((phi * nu).sum(dim=(0, 1)))
 
 
+def uniform_flow(size: int, rows: Sequence[int], n_layers: int, device: torch.device | str | None = None
+                 ) -> torch.Tensor:
+    """The rollout mass uniform causal attention gives each position: ``[K, size]`` float32.
+
+    ``U[i, j] = 1 / (i + 1)`` for ``j <= i``, the same ``n_layers`` rows carried down as ``prediction_rows``
+    carries the model's, summed over the starting layers, value norms 1. Rollout's mass drifts to
+    early positions as layers compound whatever the model attends to; this is that drift alone, the
+    denominator of ``flow="position_normalised"``. Positive at every position ``<= rows[k]``.
+    """
+    U = torch.tril(torch.ones(size, size, device=device))
+    U /= U.sum(dim=-1, keepdim=True)
+    return prediction_rows([U[None]] * n_layers, rows).sum(dim=(0, 1))  # [Ls, 1, K, P] -> [K, P]
+
+
 def semantic_flows(lm: CausalLM, attentions: tuple[torch.Tensor, ...], values: list[torch.Tensor],
-                   flow_layers: int | None, rows: Sequence[int]) -> list[torch.Tensor]:
+                   flow_layers: int | None, rows: Sequence[int], flow: str = "rollout") -> list[torch.Tensor]:
     """``M`` of several targets from one forward over rows ``0 .. P - 1``: a list of ``[rows[k] + 1]``.
 
     Target ``k`` predicts from row ``rows[k]`` (its ``p``), so its context is rows
     ``0 .. rows[k]``. attentions: per layer ``[1, H, P, P]``; values: per layer
     ``[1, P, H_kv, d_h]``. A causal model's attention and values at a row do not depend on later
     rows, so the longest forward serves every target; value norms are computed once.
+    flow ``position_normalised`` divides ``m_j`` by ``uniform_flow``'s ``u_j`` before the simplex.
     """
     layers = rollout_layers(lm, flow_layers)
     phi = prediction_rows([attentions[layer][0] for layer in layers], rows)  # [Ls, H, K, P]
     nu = torch.stack([value_norms(lm, values[layer][0].float(), layer) for layer in layers])  # [Ls, H, P]
     m = (phi * nu[:, :, None]).sum(dim=(0, 1))  # [K, P]
+    if flow == "position_normalised":  # m_j / u_j: the drift of rollout itself divided out
+        m = m / uniform_flow(m.shape[-1], rows, len(layers), m.device).clamp_min(torch.finfo(m.dtype).tiny)
     return [normalise_flow(m[k, :row + 1]) for k, row in enumerate(rows)]
