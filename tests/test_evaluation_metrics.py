@@ -117,6 +117,38 @@ def test_dsa_f1_and_first_share_exact():
     assert metrics.f1(scores, context, []) == 0.0
 
 
+def test_subject_mass_and_top1_by_hand():
+    scores = torch.tensor([5.0, 1.0, -1.0, 2.0, 0.0])
+    context = [1, 2, 3, 4]  # position 0 is outside the context: its 5.0 counts nowhere
+    # |a| over the context: 1, 1, 2, 0 -> total 4; the negative score counts by its size
+    assert metrics.subject_mass(scores, context, [2]) == pytest.approx(0.25)
+    assert metrics.subject_mass(scores, context, [1, 2]) == pytest.approx(0.5)
+    assert metrics.subject_mass(scores, context, [3, 4]) == pytest.approx(0.5)
+    assert metrics.subject_mass(torch.zeros(5), context, [2]) == 0.0
+    # top of the context by signed score: 3 (2.0), not 0 (outside), not 2 (|-1| is not ranked)
+    assert metrics.subject_top1(scores, context, [3, 4]) == 1.0
+    assert metrics.subject_top1(scores, context, [1, 2]) == 0.0
+    # a tie at the top goes to the earlier position, as in ``ranking``
+    tied = torch.tensor([0.5, 0.5, 0.1])
+    assert metrics.subject_top1(tied, [0, 1, 2], [0]) == 1.0
+    assert metrics.subject_top1(tied, [0, 1, 2], [1]) == 0.0
+
+
+def test_subject_against_distractor_subject_by_hand():
+    scores = torch.tensor([0.4, -0.2, 0.1, 0.3])  # |a| total 1.0
+    context = [0, 1, 2, 3]
+    # subject {0, 2}: 0.4 + 0.1 = 0.5; distractor subject {1}: 0.2
+    assert metrics.subject_over_distractor(scores, context, [0, 2], [1]) == pytest.approx(0.3)
+    assert metrics.subject_beats_distractor(scores, context, [0, 2], [1]) == 1.0
+    # subject {1}: 0.2; distractor subject {0, 3}: 0.7
+    assert metrics.subject_over_distractor(scores, context, [1], [0, 3]) == pytest.approx(-0.5)
+    assert metrics.subject_beats_distractor(scores, context, [1], [0, 3]) == 0.0
+    # an exact tie (shares 0.25, 0.25, 0.5) and all-zero scores do not beat
+    assert metrics.subject_over_distractor(torch.tensor([1.0, 1.0, 2.0]), [0, 1, 2], [0], [1]) == 0.0
+    assert metrics.subject_beats_distractor(torch.tensor([1.0, 1.0, 2.0]), [0, 1, 2], [0], [1]) == 0.0
+    assert metrics.subject_beats_distractor(torch.zeros(4), context, [0], [1]) == 0.0
+
+
 def test_spearman_matches_hand_ranks():
     a = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
     b = torch.tensor([5.0, 6.0, 7.0, 8.0, 7.0])  # ranks 0, 1, 2.5, 4, 2.5

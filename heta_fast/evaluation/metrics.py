@@ -8,7 +8,7 @@ highest ``a`` (ties: earlier first). "Masking" a row replaces it as HETA's ``I``
 ``k_f = max(1, floor(|C| f))``.
 
 Signed attributions (integrated gradients, input x gradient, occlusion) rank by their signed
-value; the share metrics (DSA, first-token share) use ``|a|``.
+value; the share metrics (DSA, first-token share, the subject metrics of a known fact) use ``|a|``.
 """
 
 from __future__ import annotations
@@ -177,6 +177,33 @@ def dsa(scores: torch.Tensor, context: Sequence[int], support: Sequence[int], di
     """DSA: ``sum_{support} share_i - sum_{distractor} share_i`` in ``[-1, 1]``. Higher is better."""
     s = shares(scores, context)
     return float(s[list(support)].sum() - s[list(distractor)].sum())
+
+
+def subject_mass(scores: torch.Tensor, context: Sequence[int], subject: Sequence[int]) -> float:
+    """A fact's subject mass: ``sum_{i in subject} share_i = sum_{i in subject} |a_i| / sum_{j in C} |a_j|``
+    in ``[0, 1]`` (``shares``). Signed scores count by their size: a large negative score on the
+    subject is mass on the subject. 0 when every score on ``C`` is 0. Higher is better."""
+    return float(shares(scores, context)[list(subject)].sum())
+
+
+def subject_top1(scores: torch.Tensor, context: Sequence[int], subject: Sequence[int]) -> float:
+    """1.0 if the top context position, ``ranking(a, C)[0]`` (the highest signed score, the
+    earlier on a tie, as the faithfulness metrics rank), is a subject token, else 0.0."""
+    return 1.0 if ranking(scores, context)[0] in set(subject) else 0.0
+
+
+def subject_over_distractor(scores: torch.Tensor, context: Sequence[int], subject: Sequence[int],
+                            other: Sequence[int]) -> float:
+    """``sum_{subject} share_i - sum_{other} share_i`` in ``[-1, 1]``, ``other`` the distractor
+    subject's tokens: DSA with the subject for the support. Higher is better."""
+    return dsa(scores, context, subject, other)
+
+
+def subject_beats_distractor(scores: torch.Tensor, context: Sequence[int], subject: Sequence[int],
+                             other: Sequence[int]) -> float:
+    """1.0 if ``sum_{subject} share_i > sum_{other} share_i`` (strictly; 0.0 on a tie, all-zero
+    scores included), else 0.0."""
+    return 1.0 if subject_over_distractor(scores, context, subject, other) > 0 else 0.0
 
 
 def f1(scores: torch.Tensor, context: Sequence[int], gold: Sequence[int]) -> float:
