@@ -111,7 +111,8 @@ def test_predicted_protocol_is_the_greedy_token(fresh_seed):
 
 
 def test_unknown_protocol():
-    with pytest.raises(ValueError, match="unknown protocol 'qa'; expected one of answer, predicted, chat"):
+    with pytest.raises(ValueError, match="unknown protocol 'qa'; expected one of answer, predicted, chat, facts, "
+                                         "facts_distractor"):
         prepare(Example(**{**RAW, "important_words": ()}), "qa", word_tokenizer())
 
 

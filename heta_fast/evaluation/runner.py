@@ -5,6 +5,14 @@ done; a run started again with the same output folder skips the pairs already th
 stopped run resumes. ``summary.json``/``summary.md`` hold per method and metric the mean over
 examples and a 95% percentile-bootstrap interval (``BOOTSTRAP`` resamples of the examples,
 seeded); ``figure.png`` plots the main metrics with those intervals.
+
+Under a fact protocol (``data.FACT_PROTOCOLS``) each row also gets one filter record,
+``{"example", "protocol", "method": None, "relation", "kept", "target", "target_token", "answer"}``
+(and ``plain_token``, the greedy token without the distractor, under ``facts_distractor``),
+written when the row is first prepared: a row the model answers wrong is skipped (no method
+runs on it) and, on a resumed run, not prepared again; the summary counts kept rows of all rows
+from these records. Alignment metrics are per kind of row: DSA and F1 for curated examples,
+the subject metrics for facts; a record carries only its kind's.
 """
 
 from __future__ import annotations
@@ -19,36 +27,62 @@ import torch
 import transformers
 
 from heta_fast.evaluation import metrics
-from heta_fast.evaluation.data import Example, load_examples, prepare
+from heta_fast.evaluation.data import FACT_PROTOCOLS, Example, Fact, load, piece, prepare
 from heta_fast.evaluation.methods import BASELINES, LAST_IG_DELTA, available, is_slow, resolve
 
 BOOTSTRAP = 1000
-METRICS = ("soft_nc", "soft_ns", "soft_c_za", "soft_s_za", "comprehensiveness", "sufficiency", "dsa", "f1",
-           "first_share")
+CURATED_METRICS = ("dsa", "f1")  # need a curated example's segments and important words
+FACT_METRICS = ("subject_mass", "subject_top1", "subject_over_distractor",  # need a fact's subjects
+                "subject_beats_distractor")
+METRICS = ("soft_nc", "soft_ns", "soft_c_za", "soft_s_za", "comprehensiveness", "sufficiency", *CURATED_METRICS,
+           "first_share", *FACT_METRICS)
 LOWER_IS_BETTER = frozenset({"sufficiency", "sensitivity", "first_share", "seconds"})
-FIGURE_METRICS = ("dsa", "comprehensiveness", "sufficiency", "soft_nc", "soft_ns", "f1")
+FIGURE_METRICS = ("dsa", "subject_mass", "subject_over_distractor", "comprehensiveness", "sufficiency", "soft_nc",
+                  "soft_ns", "f1", "subject_top1")  # those the summary has
 SEED_PAIR = ("heta_exact", "heta_exact_seed1")
 FIDELITY_REFERENCE = "heta_exact"
 # Metrics on which an estimator is read against exact HETA's own seed-to-seed spread (issue 14).
-GAP_METRICS = ("comprehensiveness", "sufficiency", "dsa", "soft_nc", "soft_ns")
+GAP_METRICS = ("comprehensiveness", "sufficiency", "dsa", "subject_mass", "soft_nc", "soft_ns")  # those both have
 RECORDS = "records.jsonl"
 
 
 def score_example(heta, prepared, scores: torch.Tensor, scorer: metrics.Scorer, seed: int) -> dict:
-    """Every metric of one method's ``scores`` ``[n]`` on one prepared example."""
+    """Every metric of one method's ``scores`` ``[n]`` on one prepared example: the faithfulness
+    metrics always; DSA and F1 where it has curated segments; the subject metrics where it is a
+    fact (the two distractor ones under ``facts_distractor`` only)."""
     c = prepared.context
-    return {
+    out = {
         "soft_nc": metrics.soft_nc(scorer, scores, c),
         "soft_ns": metrics.soft_ns(scorer, scores, c),
         "soft_c_za": metrics.soft_comprehensiveness_za(scorer, scores, c, seed=seed),
         "soft_s_za": metrics.soft_sufficiency_za(scorer, scores, c, seed=seed),
         "comprehensiveness": metrics.comprehensiveness(scorer, scores, c),
         "sufficiency": metrics.sufficiency(scorer, scores, c),
-        "dsa": metrics.dsa(scores, c, prepared.support, prepared.distractor),
-        "f1": metrics.f1(scores, c, prepared.important),
         "first_share": metrics.first_token_share(scores, c),
         "context_share": float(metrics.shares(scores, range(len(prepared.ids)))[c].sum()),
     }
+    if prepared.support is not None:
+        out["dsa"] = metrics.dsa(scores, c, prepared.support, prepared.distractor)
+        out["f1"] = metrics.f1(scores, c, prepared.important)
+    if prepared.subject is not None:
+        out["subject_mass"] = metrics.subject_mass(scores, c, prepared.subject)
+        out["subject_top1"] = metrics.subject_top1(scores, c, prepared.subject)
+    if prepared.distractor_subject is not None:
+        other = prepared.distractor_subject
+        out["subject_over_distractor"] = metrics.subject_over_distractor(scores, c, prepared.subject, other)
+        out["subject_beats_distractor"] = metrics.subject_beats_distractor(scores, c, prepared.subject, other)
+    return out
+
+
+def filter_record(row: Fact, prepared, tokenizer) -> dict:
+    """A fact row's filter record (``method`` None): kept or not, the model's greedy token and,
+    under ``facts_distractor``, its greedy token without the distractor (``plain_token``)."""
+    record = {"example": row.id, "protocol": prepared.protocol, "method": None, "relation": row.relation,
+              "kept": prepared.kept, "target": prepared.target, "target_token": piece(tokenizer, prepared.target),
+              "answer": row.answer}
+    if prepared.plain_target is not None:
+        record["plain_token"] = piece(tokenizer, prepared.plain_target)
+    return record
 
 
 def _read_records(path: Path) -> list[dict]:
@@ -74,29 +108,53 @@ def _drop_cut_line(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def run(heta, examples: Sequence[Example], protocol: str, method_names: Sequence[str], out: str | Path, *,
+def run(heta, examples: Sequence[Example | Fact], protocol: str, method_names: Sequence[str], out: str | Path, *,
         slow_limit: int = 20, mask: str = "zero", seed: int = 0, samples: int = 10, sensitivity_examples: int = 0,
         log: Callable[[str], None] | None = None) -> list[dict]:
-    """Evaluate ``method_names`` on ``examples`` under ``protocol``; append to ``out/records.jsonl``.
+    """Evaluate ``method_names`` on ``examples`` (facts under a fact protocol) under ``protocol``;
+    append to ``out/records.jsonl``.
 
-    Slow methods (``methods.is_slow``: exact HETA, the other estimators, integrated gradients)
-    run on the first ``slow_limit`` examples only.
+    Under a fact protocol a row the model answers wrong is skipped (its filter record says so)
+    and the counts below are over kept rows. Slow methods (``methods.is_slow``: exact HETA, the
+    other estimators, integrated gradients) run on the first ``slow_limit`` examples only.
     ``sensitivity_examples``: on that many first examples, also the sensitivity metric
-    (3 noisy repeats, sigma 0.01). Returns all records of the folder.
+    (3 noisy repeats, sigma 0.01). Returns all records of the folder under ``protocol``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RECORDS
     _drop_cut_line(path)
-    done = {(r["example"], r["method"]) for r in _read_records(path) if r.get("protocol") == protocol}
+    existing = [r for r in _read_records(path) if r.get("protocol") == protocol]
+    done = {(r["example"], r["method"]) for r in existing}
+    verdicts = {r["example"]: r["kept"] for r in existing if r["method"] is None}
     methods = resolve(method_names, samples)
+    filtered = protocol in FACT_PROTOCOLS
+    k = -1  # the index among kept examples
     with path.open("a") as sink:
-        for k, example in enumerate(examples):
+        def write(record: dict) -> None:
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+
+        for number, example in enumerate(examples, 1):
+            prepared = None
+            if filtered and example.id not in verdicts:
+                prepared = prepare(example, protocol, heta.tokenizer, heta.lm)
+                verdicts[example.id] = prepared.kept
+                write(filter_record(example, prepared, heta.tokenizer))
+            if filtered and not verdicts[example.id]:
+                if log and prepared is not None:
+                    said = repr(piece(heta.tokenizer, prepared.target))
+                    if prepared.plain_target is not None:
+                        said += f" ({piece(heta.tokenizer, prepared.plain_target)!r} without the distractor)"
+                    log(f"{protocol} {number}/{len(examples)} {example.id}: skipped, the model says {said}, "
+                        f"the answer is {example.answer!r}")
+                continue
+            k += 1
             todo = [name for name in methods if (example.id, name) not in done
                     and not (is_slow(name) and k >= slow_limit)]
             if not todo:
                 continue
-            prepared = prepare(example, protocol, heta.tokenizer, heta.lm)
+            prepared = prepared or prepare(example, protocol, heta.tokenizer, heta.lm)
             scorer = metrics.Scorer(heta.lm, prepared.ids, prepared.target, mask=mask, seed=seed)
             for name in todo:
                 method = methods[name]
@@ -118,10 +176,9 @@ def run(heta, examples: Sequence[Example], protocol: str, method_names: Sequence
                 if k < sensitivity_examples:
                     record["sensitivity"] = metrics.sensitivity(method, heta, prepared.ids, prepared.target,
                                                                 prepared.context, seed=seed)
-                sink.write(json.dumps(record) + "\n")
-                sink.flush()
+                write(record)
             if log:
-                log(f"{protocol} {k + 1}/{len(examples)} {example.id}: {len(todo)} methods, n={len(prepared.ids)}")
+                log(f"{protocol} {number}/{len(examples)} {example.id}: {len(todo)} methods, n={len(prepared.ids)}")
     return [r for r in _read_records(path) if r.get("protocol") == protocol]
 
 
@@ -140,7 +197,12 @@ def summarise(records: Sequence[dict]) -> dict:
     share, seed stability and fidelity to exact HETA: the Spearman of the scores per example and,
     per metric of ``GAP_METRICS``, ``|metric(method) - metric(heta_exact)|`` per example
     (``gap_vs_exact``). The seed pair's gap is the seed floor: an estimator whose gap is no larger
-    is as faithful as exact HETA is to itself under another seed."""
+    is as faithful as exact HETA is to itself under another seed.
+
+    Filter records (a fact protocol's, ``method`` None) give ``rows``: ``{"kept": K, "of": N}``
+    and the same per relation (``rows_by_relation``)."""
+    verdicts = [r for r in records if r["method"] is None]
+    records = [r for r in records if r["method"] is not None]
     by_method: dict[str, list[dict]] = {}
     for r in records:
         by_method.setdefault(r["method"], []).append(r)
@@ -162,7 +224,8 @@ def summarise(records: Sequence[dict]) -> dict:
             if pairs:
                 entry["spearman_vs_exact"] = bootstrap([metrics.spearman(torch.tensor(r["scores"]),
                                                                          torch.tensor(e["scores"])) for r, e in pairs])
-                entry["gap_vs_exact"] = {m: bootstrap([abs(r[m] - e[m]) for r, e in pairs]) for m in GAP_METRICS}
+                entry["gap_vs_exact"] = {m: bootstrap([abs(r[m] - e[m]) for r, e in pairs]) for m in GAP_METRICS
+                                         if all(r.get(m) is not None and e.get(m) is not None for r, e in pairs)}
                 entry["gap_examples"] = len(pairs)
         table[name] = entry
     out = {"methods": table}
@@ -177,7 +240,23 @@ def summarise(records: Sequence[dict]) -> dict:
         out["target_rank_median"] = float(torch.tensor(ranks, dtype=torch.float64).median())
         out["target_top1"] = sum(1 for x in ranks if x == 1)
         out["examples"] = len(probs)
+    if verdicts:
+        out["rows"] = {"kept": sum(1 for r in verdicts if r["kept"]), "of": len(verdicts)}
+        relations: dict[str, dict[str, int]] = {}
+        for r in verdicts:
+            counts = relations.setdefault(r.get("relation", ""), {"kept": 0, "of": 0})
+            counts["kept"] += bool(r["kept"])
+            counts["of"] += 1
+        out["rows_by_relation"] = dict(sorted(relations.items()))
     return out
+
+
+def _present(names: Sequence[str], entries) -> list[str]:
+    """``names`` without the per-kind metrics (``CURATED_METRICS``, ``FACT_METRICS``, ``subject_mass``
+    in a gap table) that none of ``entries`` has: a table of facts shows no DSA column, and back."""
+    entries = list(entries)
+    optional = {*CURATED_METRICS, *FACT_METRICS}
+    return [m for m in names if m not in optional or any(e.get(m) for e in entries)]
 
 
 GOAL_METRICS = ("dsa", "comprehensiveness")
@@ -215,9 +294,17 @@ def _cell(value) -> str:
 
 def markdown(summary: dict, title: str) -> str:
     """The summary as a markdown table, one row per method (mean [95% interval])."""
-    columns = ("examples", "dsa", "comprehensiveness", "sufficiency", "soft_nc", "soft_ns", "soft_c_za",
-               "soft_s_za", "f1", "first_share", "sensitivity", "spearman_vs_exact", "seconds")
+    columns = _present(("examples", "dsa", "subject_mass", "subject_top1", "subject_over_distractor",
+                        "subject_beats_distractor", "comprehensiveness", "sufficiency", "soft_nc", "soft_ns",
+                        "soft_c_za", "soft_s_za", "f1", "first_share", "sensitivity", "spearman_vs_exact", "seconds"),
+                       summary["methods"].values())
     lines = [f"#### {title}", ""]
+    if "rows" in summary:
+        rows = summary["rows"]
+        lines.append(f"Rows kept: {rows['kept']} of {rows['of']} (the model's greedy next token starts the answer); "
+                     "per relation: " + ", ".join(f"{rel} {c['kept']}/{c['of']}"
+                                                  for rel, c in summary["rows_by_relation"].items()) + ".")
+        lines.append("")
     if "examples" in summary:
         lines.append(f"Target: median probability {summary['target_prob_median']:.3g}, median rank "
                      f"{summary['target_rank_median']:.0f}, top choice in {summary['target_top1']} of "
@@ -230,17 +317,19 @@ def markdown(summary: dict, title: str) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     gaps = {n: e for n, e in summary["methods"].items() if "gap_vs_exact" in e}
     if gaps:
+        gap_columns = _present(GAP_METRICS, [e["gap_vs_exact"] for e in gaps.values()])
         lines += ["", "Distance to exact HETA per metric, on the examples both ran: mean over examples of "
                       f"|metric(method) - metric({FIDELITY_REFERENCE})| [95% interval]. The row "
                       f"`{SEED_PAIR[1]}` is the seed floor (exact HETA against itself under another seed).", "",
-                  "| method | examples | " + " | ".join(GAP_METRICS) + " |", "|---" * (len(GAP_METRICS) + 2) + "|"]
+                  "| method | examples | " + " | ".join(gap_columns) + " |", "|---" * (len(gap_columns) + 2) + "|"]
         for name, entry in gaps.items():
-            cells = [_cell(entry["gap_vs_exact"][m]) for m in GAP_METRICS]
+            cells = [_cell(entry["gap_vs_exact"].get(m)) for m in gap_columns]
             lines.append(f"| {name} | {entry['gap_examples']} | " + " | ".join(cells) + " |")
+    goal_metrics = _present(GOAL_METRICS, summary["methods"].values())
     if any(n in BASELINES for n in summary["methods"]):
-        verdict = goal(summary)
+        verdict = goal(summary, goal_metrics)
         met = [n for n, short in verdict.items() if not short]
-        lines += ["", f"Goal (a HETA method above every baseline on {' and '.join(GOAL_METRICS)}, intervals not "
+        lines += ["", f"Goal (a HETA method above every baseline on {' and '.join(goal_metrics)}, intervals not "
                       f"overlapping): " + (f"met by {', '.join(met)}." if met else "met by none. Closest: "
                       + "; ".join(f"{n} (not above {', '.join(short)})" for n, short in
                                   sorted(verdict.items(), key=lambda kv: len(kv[1]))[:3]) + ".")]
@@ -266,9 +355,9 @@ def figure(summary: dict, path: str | Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(summary["methods"])
-    fig, axes = plt.subplots(1, len(FIGURE_METRICS), figsize=(4 * len(FIGURE_METRICS), 0.3 * len(names) + 2),
-                             sharey=True)
-    for ax, metric in zip(axes, FIGURE_METRICS, strict=True):
+    shown = _present(FIGURE_METRICS, summary["methods"].values())
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 0.3 * len(names) + 2), sharey=True)
+    for ax, metric in zip(axes, shown, strict=True):
         values = [summary["methods"][n].get(metric) or (float("nan"),) * 3 for n in names]
         mean = [v[0] for v in values]
         err = [[v[0] - v[1] for v in values], [v[2] - v[0] for v in values]]
@@ -296,18 +385,22 @@ def evaluate(heta, data: str | Path | None = None, *, protocol: str = "predicted
              out: str | Path = "heta-eval", limit: int | None = None, slow_limit: int = 20, mask: str = "zero",
              seed: int = 0, samples: int = 10, sensitivity_examples: int = 0, plot: bool = True,
              log: Callable[[str], None] | None = None) -> dict:
-    """Evaluate attribution methods on curated QA examples; returns the summary (also written to ``out``).
+    """Evaluate attribution methods on curated QA examples or known facts; returns the summary
+    (also written to ``out``).
 
-    heta: a ``HETA`` with a tokenizer; data: a JSON/JSONL path (None: the project's set);
-    protocol: ``answer``, ``predicted`` or ``chat``; methods: names from
-    ``heta_fast.evaluation.methods.available()`` (None: all). See ``run`` for the rest.
+    heta: a ``HETA`` with a tokenizer; protocol: ``answer``, ``predicted`` or ``chat`` (curated
+    examples) or ``facts`` or ``facts_distractor`` (known facts; only rows the model answers
+    right are kept); data: a JSON/JSONL path in the protocol's schema (None: the project's set,
+    heta_fast/data/curated_qa.jsonl or known_facts.jsonl); limit: the first rows of ``data``
+    (before the fact filter); methods: names from ``heta_fast.evaluation.methods.available()``
+    (None: all). See ``run`` for the rest.
     """
     if heta.tokenizer is None:
         raise ValueError("evaluation needs a HETA with a tokenizer")
     names = list(methods) if methods is not None else None
     names = names or available()
     resolve(names, samples)  # unknown names fail before any model work
-    examples = load_examples(data, limit)
+    examples = load(protocol, data, limit)
     records = run(heta, examples, protocol, names, out, slow_limit=slow_limit, mask=mask, seed=seed,
                   samples=samples, sensitivity_examples=sensitivity_examples, log=log)
     return report(records, protocol, out, data=str(data) if data is not None else "builtin", plot=plot)
