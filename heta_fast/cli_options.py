@@ -54,7 +54,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> dict[str, argparse._A
     groups = {key: parser.add_argument_group(title) for key, title in OPTION_GROUPS.items()}
     groups["method"].add_argument("--preset", choices=tuple(PRESETS), default=None,
                                   help="start from a named configuration: paper (the method as defined), exact "
-                                       "(the defaults) or fast (cheaper than occlusion); other options apply on top")
+                                       "(the defaults), fast (cheaper than occlusion) or fixed (a fixed number "
+                                       "of passes); other options apply on top")
     hints = typing.get_type_hints(HETAConfig)
     for field in dataclasses.fields(HETAConfig):
         meta = field.metadata

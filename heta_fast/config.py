@@ -161,8 +161,9 @@ class HETAConfig:
     @classmethod
     def preset(cls, name: str, **changes) -> HETAConfig:
         """The configuration for a stated need, with ``changes`` on top: ``paper`` (the method
-        exactly as docs/method.md defines it), ``exact`` (the defaults, exact Hessian) or ``fast``
-        (the estimator that costs less than occlusion; see ``PRESETS``)."""
+        exactly as docs/method.md defines it), ``exact`` (the defaults, exact Hessian), ``fast``
+        (the estimator that costs less than occlusion) or ``fixed`` (a fixed number of model passes
+        whatever the length: screened ``I``); see ``PRESETS``."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
         check_fields(changes)
