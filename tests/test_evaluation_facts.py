@@ -209,6 +209,7 @@ def test_evaluate_facts_end_to_end(tmp_path, monkeypatch):
     assert "Rows kept: 2 of 3" in text and "capital_of 1/2, located_in 1/1" in text
     assert "| method | examples | subject_mass | subject_top1 | subject_over_distractor |" in text
     assert "dsa" not in text.split("| method |")[1].splitlines()[0]
+    assert "Goal" not in text  # no HETA method ran: nothing to say about the goal
 
     # run again: nothing is redone, the skipped row is not prepared again
     calls = []

@@ -326,8 +326,8 @@ def markdown(summary: dict, title: str) -> str:
             cells = [_cell(entry["gap_vs_exact"].get(m)) for m in gap_columns]
             lines.append(f"| {name} | {entry['gap_examples']} | " + " | ".join(cells) + " |")
     goal_metrics = _present(GOAL_METRICS, summary["methods"].values())
-    if any(n in BASELINES for n in summary["methods"]):
-        verdict = goal(summary, goal_metrics)
+    verdict = goal(summary, goal_metrics)
+    if verdict and any(n in BASELINES for n in summary["methods"]):
         met = [n for n, short in verdict.items() if not short]
         lines += ["", f"Goal (a HETA method above every baseline on {' and '.join(goal_metrics)}, intervals not "
                       f"overlapping): " + (f"met by {', '.join(met)}." if met else "met by none. Closest: "
