@@ -197,6 +197,7 @@ def heta_variants(samples: int = 10) -> dict[str, tuple[HETAConfig, str]]:
     """Named HETA methods: ``name -> (config, part)``. ``heta_exact`` is the spec (``HETAConfig.paper()``)."""
     paper = HETAConfig.paper(samples=samples)
     gn = paper.replace(hessian="gauss_newton")
+    default = HETAConfig(samples=samples)
     return {
         "heta_exact": (paper, "scores"),
         "heta_exact_seed1": (paper.replace(seed=1), "scores"),
@@ -216,13 +217,24 @@ def heta_variants(samples: int = 10) -> dict[str, tuple[HETAConfig, str]]:
         "heta_gn_mix": (gn.replace(mix="normalised"), "scores"),
         "heta_gn_mix_SI": (gn.replace(mix="normalised"), "SI"),
         "heta_gn_sink_mix": (gn.replace(sink="bos", mix="normalised"), "scores"),
+        # the library's defaults (sink, normalised mix, exact Hessian) and the M variants of issue 25
+        "heta_default": (default, "scores"),
+        "heta_default_M": (default, "M"),
+        "heta_default_S": (default, "S"),
+        "heta_default_I": (default, "I"),
+        "heta_default_SI": (default, "SI"),
+        "heta_default_posnorm": (default.replace(flow="position_normalised"), "scores"),
+        "heta_default_posnorm_M": (default.replace(flow="position_normalised"), "M"),
+        "heta_default_last4": (default.replace(flow_layers=4), "scores"),
+        "heta_fixed": (HETAConfig.preset("fixed", samples=samples), "scores"),
     }
 
 
 def is_slow(name: str) -> bool:
     """Methods run on the first ``slow_limit`` examples only: the exact Hessian (~4x the cost of
     ``gauss_newton``), the other estimators, and integrated gradients (``IG_STEPS`` backwards)."""
-    return name.startswith(("heta_exact", "heta_low_rank", "heta_layer_subset")) or name == "integrated_gradients"
+    return (name.startswith(("heta_exact", "heta_default", "heta_low_rank", "heta_layer_subset"))
+            or name == "integrated_gradients")
 
 
 def resolve(names: Sequence[str], samples: int = 10) -> dict[str, Method]:
