@@ -1,11 +1,11 @@
 """Fixed-pass ``I`` (issue 24): each ``I`` estimator's fidelity to exact ``I``, and what a fixed-pass preset costs.
 
-    python -m benchmarks.bench_fixed_pass fidelity [--records evaluation/records_exact.jsonl] [--limit 20]
+    python -m benchmarks.bench_fixed_pass fidelity [--records eval_records/records_exact.jsonl] [--limit 20]
     python -m benchmarks.bench_fixed_pass cost [--lengths 128 256 512 1024] [--occlusion-sample 64]
 
 ``fidelity``: the embedded SmolLM2-135M-Instruct on the examples whose exact HETA parts are stored
 in ``--records`` (``heta_exact_M``, ``_S``, ``_I``: the spec's options, m = 10, seed 0, the
-``predicted`` protocol; evaluation/records_exact.jsonl holds 20). Each example is prepared again
+``predicted`` protocol; eval_records/records_exact.jsonl holds 20). Each example is prepared again
 (the stored target must come back), then every ``I`` candidate runs (Gauss-Newton ``S`` on the 8
 most probable tokens beside it, as the ``fast`` preset) and is compared, by Spearman correlation
 and top-5 overlap, three ways:
@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fid = sub.add_parser("fidelity", help="each I candidate against stored exact parts")
-    fid.add_argument("--records", type=Path, default=Path("evaluation/records_exact.jsonl"))
+    fid.add_argument("--records", type=Path, default=Path("eval_records/records_exact.jsonl"))
     fid.add_argument("--limit", type=int, default=20)
     cst = sub.add_parser("cost", help="seconds per attribution against one forward + backward and occlusion")
     cst.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024])

@@ -2,7 +2,7 @@
 
 An (example, method) pair that two folders both hold counts once, from the first folder given.
 
-    python -m benchmarks.eval_report --out evaluation predicted=/tmp/run/predicted,/tmp/run/exact chat=/tmp/run/chat
+    python -m benchmarks.eval_report --out eval_records predicted=/tmp/run/predicted,/tmp/run/exact chat=/tmp/run/chat
 
 Writes ``summary_PROTOCOL.{json,md}`` and ``figure_PROTOCOL.png`` to ``--out`` and prints the tables.
 """
