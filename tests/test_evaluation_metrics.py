@@ -183,3 +183,49 @@ def test_sensitivity_is_the_std_of_noisy_runs(fresh_seed):
     assert got == pytest.approx(expected, rel=1e-4)
     assert metrics.sensitivity(embedding_norms, heta, prompt, target, context, sigma=0.0, seed=fresh_seed) == 0.0
     assert torch.equal(lm.embed(torch.tensor(prompt)), model.get_input_embeddings()(torch.tensor([prompt]))[0])
+
+
+class _Datamodel:
+    """A Scorer stand-in whose target log-probability is exactly linear in the kept sources:
+    ``log p = sum_{s kept} w_s`` (a source is kept when none of its tokens is masked)."""
+
+    target = 0
+
+    def __init__(self, sources, weights):
+        self.sources, self.weights, self.calls = sources, weights, []
+
+    def masked(self, rows):
+        self.calls.extend(rows)
+        out = torch.zeros(len(rows), 1)
+        for b, row in enumerate(rows):
+            out[b, 0] = sum(w for s, w in zip(self.sources, self.weights, strict=True) if not set(s) & set(row))
+        return out
+
+
+def test_word_sources_by_hand():
+    tokens = ["<s>", "The", " cap", "ital", " of", " France"]
+    assert metrics.word_sources(tokens, [1, 2, 3, 4, 5]) == [[1], [2, 3], [4], [5]]
+    assert metrics.word_sources(tokens, [2, 3, 5]) == [[2, 3], [5]]
+
+
+def test_lds_of_the_true_linear_model_is_one_and_of_its_negation_minus_one():
+    sources = [[0], [1, 2], [3], [4], [5, 6]]
+    weights = [1.0, 2.0, 4.0, 8.0, 16.0]  # distinct subset sums: no ties among the ablations
+    scores = torch.tensor([1.0, 0.5, 1.5, 4.0, 8.0, 10.0, 6.0])  # per source: 1, 2, 4, 8, 16
+    model = _Datamodel(sources, weights)
+    assert metrics.lds(model, scores, sources, seed=3) == pytest.approx(1.0)
+    assert metrics.lds(model, -scores, sources, seed=3) == pytest.approx(-1.0)
+    # every ablation masks whole sources, about half of them, and the same ones for the same seed
+    assert all(set(row) == {i for s in sources if set(s) & set(row) for i in s} for row in model.calls)
+    first = model.calls[:metrics.LDS_SAMPLES]
+    metrics.lds(model, scores, sources, seed=3)
+    assert model.calls[metrics.LDS_SAMPLES:2 * metrics.LDS_SAMPLES] == first
+
+
+def test_lds_charges_an_unsigned_attribution_for_a_source_that_lowers_the_target():
+    sources = [[0], [1], [2], [3]]
+    weights = [3.0, -5.0, 1.0, 0.5]  # dropping source 1 raises the target
+    signed = torch.tensor(weights)
+    model = _Datamodel(sources, weights)
+    assert metrics.lds(model, signed, sources) == pytest.approx(1.0)
+    assert metrics.lds(model, signed.abs(), sources) < 0.0  # the sizes alone rank the ablations backwards here

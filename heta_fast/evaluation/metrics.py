@@ -206,6 +206,42 @@ def subject_beats_distractor(scores: torch.Tensor, context: Sequence[int], subje
     return 1.0 if subject_over_distractor(scores, context, subject, other) > 0 else 0.0
 
 
+LDS_SAMPLES = 32  # random ablations per example, shared by every method (the Scorer keeps their forwards)
+LDS_KEEP = 0.5  # each source kept with this probability, as ContextCite samples its ablations
+
+
+def word_sources(tokens: Sequence[str], context: Sequence[int]) -> list[list[int]]:
+    """The context's positions grouped into words: a token whose text starts with whitespace, or the
+    first context token, opens a source; the tokens after it join it until the next one opens."""
+    sources: list[list[int]] = []
+    for i in context:
+        if not sources or tokens[i][:1].isspace():
+            sources.append([])
+        sources[-1].append(i)
+    return sources
+
+
+def lds(scorer: Scorer, scores: torch.Tensor, sources: Sequence[Sequence[int]], seed: int = 0,
+        samples: int = LDS_SAMPLES, keep: float = LDS_KEEP) -> float:
+    """Linear datamodeling score (Park et al. 2023; ContextCite, Cohen-Wang et al. 2024), no gold labels.
+
+    ``samples`` random ablations ``v`` (source ``s`` kept with probability ``keep``, the others'
+    tokens masked as ``I`` masks them; seeded, so every method of an example meets the same
+    ablations): the Spearman correlation between the target's actual log-probability under ``v``
+    and the attribution's linear prediction ``sum_s v_s sum_{i in s} a_i``. Higher is better.
+    Signed attributions predict with their sign. A non-negative one (HETA's) can only say that
+    keeping a source never lowers the target, so it ranks wrongly every ablation where dropping a
+    source raises it: the metric charges that to it, as it should. NaN when the prediction is
+    constant (all scores 0).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    kept = torch.rand(samples, len(sources), generator=generator) < keep
+    dropped = [[i for source, k in zip(sources, row, strict=True) if not k for i in source] for row in kept.tolist()]
+    actual = scorer.masked(dropped)[:, scorer.target]
+    per_source = torch.tensor([float(scores[list(source)].double().sum()) for source in sources], dtype=torch.float64)
+    return spearman(kept.double() @ per_source, actual)
+
+
 def f1(scores: torch.Tensor, context: Sequence[int], gold: Sequence[int]) -> float:
     """F1 of the top ``|G|`` positions by ``a`` against the gold set ``G`` (0 when ``G`` is empty)."""
     gold = set(gold)
