@@ -194,6 +194,7 @@ def test_evaluate_facts_end_to_end(tmp_path, monkeypatch):
             a[subject].abs().sum() / a.abs().sum() - a[other].abs().sum() / a.abs().sum()), abs=1e-6)
         assert r["subject_beats_distractor"] == float(r["subject_over_distractor"] > 0)
         assert r["target_rank"] == 1  # the target is the model's own greedy token
+        assert -1.0 <= r["lds"] <= 1.0  # every record has the LDS of its method (metrics.lds has the oracle)
 
     assert summary["rows"] == {"kept": 2, "of": 3}
     assert summary["rows_by_relation"] == {"capital_of": {"kept": 1, "of": 2}, "located_in": {"kept": 1, "of": 1}}

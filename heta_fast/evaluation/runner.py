@@ -34,11 +34,11 @@ BOOTSTRAP = 1000
 CURATED_METRICS = ("dsa", "f1")  # need a curated example's segments and important words
 FACT_METRICS = ("subject_mass", "subject_top1", "subject_over_distractor",  # need a fact's subjects
                 "subject_beats_distractor")
-METRICS = ("soft_nc", "soft_ns", "soft_c_za", "soft_s_za", "comprehensiveness", "sufficiency", *CURATED_METRICS,
+METRICS = ("soft_nc", "soft_ns", "soft_c_za", "soft_s_za", "comprehensiveness", "sufficiency", "lds", *CURATED_METRICS,
            "first_share", *FACT_METRICS)
 LOWER_IS_BETTER = frozenset({"sufficiency", "sensitivity", "first_share", "seconds"})
 FIGURE_METRICS = ("dsa", "subject_mass", "subject_over_distractor", "comprehensiveness", "sufficiency", "soft_nc",
-                  "soft_ns", "f1", "subject_top1")  # those the summary has
+                  "soft_ns", "f1", "subject_top1", "lds")  # those the summary has
 SEED_PAIR = ("heta_exact", "heta_exact_seed1")
 FIDELITY_REFERENCE = "heta_exact"
 # Metrics on which an estimator is read against exact HETA's own seed-to-seed spread (issue 14).
@@ -59,6 +59,7 @@ def score_example(heta, prepared, scores: torch.Tensor, scorer: metrics.Scorer, 
         "comprehensiveness": metrics.comprehensiveness(scorer, scores, c),
         "sufficiency": metrics.sufficiency(scorer, scores, c),
         "first_share": metrics.first_token_share(scores, c),
+        "lds": metrics.lds(scorer, scores, metrics.word_sources(prepared.tokens, c), seed=seed),
         "context_share": float(metrics.shares(scores, range(len(prepared.ids)))[c].sum()),
     }
     if prepared.support is not None:
