@@ -12,7 +12,9 @@ import warnings
 
 import torch
 
+from heta_fast.attention import ATTENTION_NAME
 from heta_fast.model import CausalLM
+from heta_fast.semantic_flow import BLOCK_BYTES
 
 GiB = 1 << 30
 
@@ -86,12 +88,20 @@ def upcast_bytes(lm: CausalLM) -> int:
 def forward_bytes(lm: CausalLM, rows: int) -> int:
     """Estimated bytes of the shared forward over ``rows`` rows, which cannot be split into batches.
 
-    It keeps every layer's attention probabilities (``N H rows^2`` float32: the semantic flow reads
-    them all; ~18 GiB for SmolLM2-135M at 4,096 tokens), the key/value cache and the captured value
-    vectors (``3 N rows H_kv d_h``), and holds one layer's activations at a time.
+    It keeps the key/value cache and the captured value vectors (``3 N rows H_kv d_h``) and holds
+    one layer's activations at a time, its attention scores and probabilities among them. For the
+    semantic flow it keeps, where every attention call is recorded
+    (``heta_fast.attention.record_attention``), each layer's queries (``N rows H d_h``; the keys and
+    values are the cache's), two masks (``rows^2``) and one recomputed block; elsewhere every
+    layer's attention probabilities (``N H rows^2``: ~18 GiB for SmolLM2-135M at 4,096 tokens).
     """
     n = lm.num_layers
-    kept = n * lm.num_heads * rows * rows + 3 * n * rows * lm.num_kv_heads * lm.head_dim
+    kept = 3 * n * rows * lm.num_kv_heads * lm.head_dim
+    if lm.attention_implementation == ATTENTION_NAME:
+        block = min(BLOCK_BYTES // 4, lm.num_heads * rows * rows)  # one recomputed block of attention rows
+        kept += n * rows * lm.num_heads * lm.head_dim + 2 * rows * rows + block
+    else:
+        kept += n * lm.num_heads * rows * rows
     return 4 * (kept + _row_floats(lm, rows) * rows)
 
 
@@ -119,8 +129,10 @@ def check_fits(lm: CausalLM, rows: int, budget: int) -> None:
     fits = largest_fitting_rows(lm, budget) - 1  # a window of W context tokens runs W + 1 rows
     hint = (f"pass window_size <= {fits} to attribute it in windows" if fits >= 1 else
             "not even a one-token window fits")
-    raise ValueError(f"{rows} tokens need about {needed / 2**20:,.0f} MiB for the shared forward (the attention maps "
-                     f"of {lm.num_layers} layers x {lm.num_heads} heads x {rows}^2 in float32, the key/value cache"
+    maps = ("one layer's attention maps" if lm.attention_implementation == ATTENTION_NAME else
+            f"the attention maps of {lm.num_layers} layers")
+    raise ValueError(f"{rows} tokens need about {needed / 2**20:,.0f} MiB for the shared forward ({maps} "
+                     f"x {lm.num_heads} heads x {rows}^2 in float32, the key/value cache"
                      + (", float32 copies of the weights" if copies else "")
                      + f"), above memory_budget {budget / 2**20:,.0f} MiB ({available_bytes(lm.device) / 2**20:,.0f} "
                      f"MiB free on {lm.device.type}); {hint}, or raise memory_budget")

@@ -30,6 +30,7 @@ import torch
 
 from heta_fast import kl
 from heta_fast.allocator import retained_heap
+from heta_fast.attention import ATTENTION_NAME, record_attention
 from heta_fast.checks import is_int
 from heta_fast.components import Components, Progress, timed
 from heta_fast.config import HETAConfig
@@ -125,14 +126,22 @@ def _run(lm: CausalLM, ids: torch.Tensor, targets: list[int], config: HETAConfig
     budget = config.memory_budget or default_budget(lm.device)
     timings: dict = {}
     rows = [t - 1 for t in targets]
-    with timed(timings, "forward"), torch.no_grad(), lm.capture_values(config.value_source) as values:
-        out = lm.hidden(E[None, :T], output_attentions=True, use_cache=True)
+    # Where every attention call passes through heta_fast.attention, the forward keeps each call's
+    # inputs and M recomputes the attention a block of rows at a time (memory linear in T beyond one
+    # block); otherwise the forward returns every layer's maps.
+    streamed = lm.attention_implementation == ATTENTION_NAME
+    with (timed(timings, "forward"), torch.no_grad(), lm.capture_values(config.value_source) as values,
+          record_attention() as calls):
+        out = lm.hidden(E[None, :T], output_attentions=not streamed, use_cache=True)
         hidden = out.last_hidden_state[0, rows]  # [K, d]
         log_P = torch.log_softmax(lm.unembed(hidden).double(), dim=-1)  # [K, V]
         key_values = lm.key_values(out)
     with timed(timings, "semantic_flow"), torch.no_grad():
-        M = [m.cpu() for m in semantic_flows(lm, out.attentions, values, config.flow_layers, rows, config.flow)]
-    del out, values
+        if streamed and len(calls) != lm.num_layers:
+            raise RuntimeError(f"{len(calls)} attention calls recorded for {lm.num_layers} layers")
+        attentions = calls if streamed else out.attentions
+        M = [m.cpu() for m in semantic_flows(lm, attentions, values, config.flow_layers, rows, config.flow)]
+    del out, values, calls
     if progress is not None:
         progress("semantic_flow", 1, 1)
     own = [{} for _ in targets]  # per-target seconds

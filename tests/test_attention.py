@@ -11,9 +11,31 @@ from heta_fast.attention import ATTENTION_NAME, stock_attention
 from heta_fast.model import CausalLM
 
 
-def test_grouped_models_switch_and_others_stay_eager(fresh_seed):
-    assert CausalLM(tiny_llama(fresh_seed % 1000)).attention_implementation == ATTENTION_NAME
-    assert CausalLM(tiny_gpt2(fresh_seed % 1000)).attention_implementation == "eager"
+def test_every_model_routes_through_heta_attention_and_only_grouped_ones_take_the_grouped_path(fresh_seed):
+    """Every call passes through ``grouped_eager_attention`` (so it can be recorded); a model without
+    grouped-query heads gets its own family's eager kernel there."""
+    import sys
+
+    for build, grouped in ((tiny_llama, True), (tiny_gpt2, False)):
+        lm = CausalLM(build(fresh_seed % 1000))
+        assert lm.attention_implementation == ATTENTION_NAME
+        with lm.prepared(), torch.no_grad(), attention.record_attention() as calls:
+            lm.hidden(lm.embed(torch.tensor([1, 2, 3, 4]))[None])
+        assert len(calls) == lm.num_layers
+        family = sys.modules[type(calls[0].module).__module__].eager_attention_forward
+        assert all((call.kernel is attention._grouped_kernel) == grouped for call in calls)
+        assert all((call.kernel is family) == (not grouped) for call in calls)
+
+
+def test_recorded_calls_recompute_any_block_of_rows_exactly(model, fresh_seed):
+    lm = CausalLM(model)
+    E = lm.embed(torch.randint(0, 90, (13,), generator=torch.Generator().manual_seed(fresh_seed)))
+    with lm.prepared(), torch.no_grad():
+        with attention.record_attention() as calls:
+            out = lm.hidden(E[None], output_attentions=True)
+        for call, kept in zip(calls, out.attentions, strict=True):
+            blocks = torch.cat([call.rows(a, min(13, a + 5)) for a in range(0, 13, 5)], dim=2)
+            assert rel_err(blocks, kept) < 1e-6  # the same kernel on fewer rows: the same numbers up to matmul order
 
 
 @pytest.fixture

@@ -74,8 +74,8 @@ def test_an_input_that_cannot_fit_the_budget_is_refused_with_bytes_needed():
     calls = forwards_counted(model)
     ids = random_ids(1, 200)
     budget = forward_bytes(heta.lm, 101)  # a 100-token window fits, 200 tokens do not
-    with pytest.raises(ValueError, match=r"200 tokens need about [\d,]+ MiB for the shared forward \(the attention "
-                                         r"maps of 2 layers x 4 heads x 200\^2 .* above memory_budget .* MiB free "
+    with pytest.raises(ValueError, match=r"200 tokens need about [\d,]+ MiB for the shared forward \(one layer's "
+                                         r"attention maps x 4 heads x 200\^2 .* above memory_budget .* MiB free "
                                          r"on cpu\); pass window_size <= 100 to attribute it in windows"):
         heta.attribute(ids, memory_budget=budget)
     assert calls == []
