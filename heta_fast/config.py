@@ -29,7 +29,7 @@ PRESETS: dict[str, dict] = {
     "fast": {"hessian": "gauss_newton", "hessian_topk": 8},
     # A fixed number of model passes whatever the context's length (issue 24): Gauss-Newton S and
     # screened I share one logit Jacobian, then 16 masked forwards; fidelity and cost in
-    # BENCHMARKS.md "Fixed-pass I". M still keeps every layer's attention (quadratic memory).
+    # BENCHMARKS.md "Fixed-pass I". The Jacobian's backward still keeps every layer's attention.
     "fixed": {"hessian": "gauss_newton", "hessian_topk": 8, "information": "screened", "screened_tokens": 16},
 }
 
