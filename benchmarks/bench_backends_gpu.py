@@ -10,8 +10,8 @@ per vector, as in ``tests/helpers.rel_err``; the CPU suite holds the same parity
 interpreter, this script holds it with compiled kernels.
 
 Timing: seconds per attribution of each fast backend on the SmolLM2-shaped model for
-``n`` context tokens (median of ``--reps`` after one warm-up), for the presets ``exact`` and
-``fast``. Random weights cost what trained ones do; only the numbers differ.
+``n`` context tokens (median of ``--reps`` after one warm-up), for ``--presets`` (``exact`` only up
+to ``--exact-max`` tokens). Random weights cost what trained ones do; only the numbers differ.
 
 Without a CUDA device it prints a message and exits 0; ``--smoke`` runs the tiny models on the CPU
 under Triton's interpreter (checks the script, times nothing real).
@@ -32,6 +32,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU interpreter (no GPU needed)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[128, 512], help="context lengths to time")
     ap.add_argument("--reps", type=int, default=3, help="timed runs per measurement")
+    ap.add_argument("--presets", nargs="+", default=["exact", "fast", "fixed"], help="presets to time")
+    ap.add_argument("--exact-max", type=int, default=128, help="time the exact preset up to this length only")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     return ap.parse_args()
 
@@ -122,7 +124,9 @@ def timing(seed: int) -> list[dict]:
     rows = []
     for n in ARGS.lengths:
         ids = torch.randint(2, 49152, (n + 1,), generator=torch.Generator().manual_seed(seed + n)).tolist()
-        for preset in ("exact", "fast"):
+        for preset in ARGS.presets:
+            if preset == "exact" and n > ARGS.exact_max:
+                continue  # n m HVPs: 2.9 s at 128 tokens, ~16x the work at 512 (BENCHMARKS.md "GPU")
             for backend in ("torch", "triton"):
                 config = HETAConfig.preset(preset, samples=2, seed=seed % 1000, backend=backend)
                 heta.attribute(ids, config=config)  # warm-up: kernels compiled, allocator filled
