@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from heta_fast.checks import is_int
 from heta_fast.components import Components, normalise_flow
 from heta_fast.mix import mixed
 
@@ -29,14 +30,15 @@ def sink_token_id(tokenizer, model, vocab_size: int) -> int:
     an ``IndexError`` from the embedding lookup or a silently chosen token.
     """
     config = getattr(model, "config", None)
-    candidates = [("the tokenizer's bos_token_id", getattr(tokenizer, "bos_token_id", None)),
-                  ("config.bos_token_id", getattr(config, "bos_token_id", None)),
+    candidates = [("config.bos_token_id", getattr(config, "bos_token_id", None)),
                   ("config.eos_token_id", getattr(config, "eos_token_id", None))]
+    if tokenizer is not None:
+        candidates.insert(0, ("the tokenizer's bos_token_id", getattr(tokenizer, "bos_token_id", None)))
     for _, value in candidates:
         token = value[0] if isinstance(value, (list, tuple)) and value else value
-        if isinstance(token, int) and not isinstance(token, bool) and 0 <= token < vocab_size:
+        if is_int(token) and 0 <= token < vocab_size:
             return token
-    found = ", ".join(f"{name} is {value!r}" for name, value in candidates if tokenizer is not None or "config" in name)
+    found = ", ".join(f"{name} is {value!r}" for name, value in candidates)
     raise ValueError(f"sink='bos' needs a BOS (or EOS) token id inside the vocabulary [0, {vocab_size}), and this "
                      f"model has none: {found}; pass sink='none' (no sink token, the method as defined) or give the "
                      "model's config a bos_token_id inside its vocabulary")
