@@ -162,6 +162,8 @@ def _run(lm: CausalLM, ids: torch.Tensor, targets: list[int], config: HETAConfig
                 S_k = estimate_sensitivity(lm, E[:t + 1], int(ids[t]), _cut(key_values, t), config, budget, inner,
                                            ops.rademacher, ops.block_l1_mean, jacobians[k])
                 S.append(S_k.cpu())
+                if config.information == "exact":  # nothing reads the Jacobian after S
+                    jacobians[k].release()
             done += t
     with timed(timings, "kl"):
         per_target = config.information != "exact" or (config.mask == "mean" and len(targets) > 1)
@@ -171,6 +173,7 @@ def _run(lm: CausalLM, ids: torch.Tensor, targets: list[int], config: HETAConfig
                 with timed(own[k], "kl"):
                     I.append(estimate_information(lm, E[:t + 1], log_P[k], _cut(key_values, t), config, budget,
                                                   jacobians[k], ops.linear_kl, inner).cpu())
+                jacobians[k].release()
                 done += t
         else:
             I = [i.cpu() for i in masked_kl(lm, E, log_P, hidden, targets, key_values, config, budget,

@@ -82,6 +82,10 @@ class LogitJacobian:
             self._value = logit_jacobian(self.lm, self.E, self.y, topk, chunk)
         return self._value
 
+    def release(self) -> None:
+        """Drop ``J`` (``C x t x d`` floats) once no estimator will read it again."""
+        self._value = None
+
 
 def gauss_newton_sensitivity(lm, E: torch.Tensor, y: int, config, budget: int,
                              progress: Progress | None = None, jacobian: LogitJacobian | None = None) -> torch.Tensor:
